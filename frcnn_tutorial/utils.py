@@ -1,0 +1,32 @@
+"""Small helpers every notebook uses: reproducible seeds and the device to run on."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+
+
+def seed_everything(seed: int = 0) -> None:
+    """Seed Python, NumPy and PyTorch (CPU and every GPU) in one place."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def get_device(prefer: str | None = None) -> torch.device:
+    """The device to run on: `prefer` if given (or $FRCNN_DEVICE), else CUDA when present, else CPU."""
+    name = prefer or os.environ.get("FRCNN_DEVICE")
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def profile() -> str:
+    """The notebooks' one switch for long work: $FRCNN_PROFILE is "ci" (small budgets) or "full"."""
+    value = os.environ.get("FRCNN_PROFILE", "full").lower()
+    if value not in ("ci", "full"):
+        raise ValueError(f"FRCNN_PROFILE must be 'ci' or 'full', got {value!r}")
+    return value
