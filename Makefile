@@ -1,0 +1,38 @@
+# The three commands of the README. Each one sets up .venv first when needed:
+# the venv is (re)installed only when pyproject.toml is newer than the last install.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PORT   ?= 8888
+# ci = small budgets (what `make test` runs), full = the real experiments
+PROFILE ?= full
+# JupyterLab refuses to start as root unless told
+ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--ServerApp.allow_root=True,)
+
+.PHONY: setup lab run test clean-notebooks clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	@touch $(STAMP)
+
+lab: $(STAMP)
+	$(BIN)/jupyter lab --ip=127.0.0.1 --port=$(PORT) --ServerApp.root_dir=notebooks $(ROOT_FLAG) $(LAB_ARGS)
+
+run: $(STAMP)
+	FRCNN_PROFILE=$(PROFILE) $(BIN)/python -m frcnn_tutorial.series run --out build
+
+test: $(STAMP)
+	FRCNN_PROFILE=ci $(BIN)/python -m pytest --nbval-lax --nbval-current-env --nbval-cell-timeout=900 \
+		-p no:cacheprovider tests notebooks $(PYTEST_ARGS)
+
+clean-notebooks: $(STAMP)
+	$(BIN)/python -m frcnn_tutorial.series strip
+
+clean:
+	rm -rf build .pytest_cache .ruff_cache
