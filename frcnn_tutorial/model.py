@@ -1,0 +1,258 @@
+"""The whole detector: transform -> backbone -> RPN -> RoI heads -> boxes back in original image coordinates.
+
+Shape shorthand: N images, H x W the size of one input image, H' x W' its resized size, Hb x Wb the padded batch
+size (multiples of 32), G ground-truth boxes of one image, R proposals, K classes INCLUDING background (label 0),
+C backbone channels, D detections of one image.
+
+Data contract: images are a list of float tensors [3, H, W] in 0..1 (sizes may differ); targets are a list of
+{"boxes": [G, 4] float x1,y1,x2,y2 pixels, "labels": [G] int64}. Training returns torchvision's four losses;
+evaluation returns [{"boxes": [D, 4], "labels": [D], "scores": [D]}] in the coordinates of the ORIGINAL images.
+
+Also here: the builders (the paper's VGG16 model, ResNet-50-FPN, a tiny CPU model) and from_torchvision(),
+which turns a torchvision FasterRCNN into ours with the same weights and the same settings.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The visible input step: resize keeping the aspect ratio, normalise, pad into one batch tensor
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def resized_size(h: int, w: int, min_size: int, max_size: int) -> tuple[int, int]:
+    """(H', W'): the shorter side becomes min_size unless the longer one would then exceed max_size.
+
+    Same arithmetic as torchvision's GeneralizedRCNNTransform: one scale factor for both sides (aspect ratio kept),
+    the new size truncated to int, as F.interpolate(scale_factor=s, recompute_scale_factor=True) does.
+    e.g. 480x640 with (800, 1333): s = min(800/480, 1333/640) = 1.667 -> 800x1066.
+    """
+    scale = min(min_size / min(h, w), max_size / max(h, w))
+    return int(h * scale), int(w * scale)
+
+
+def resize_boxes(boxes: Tensor, old_size: tuple[int, int], new_size: tuple[int, int]) -> Tensor:
+    """Scale boxes [G, 4] from an image of old_size (h, w) to new_size: x by W'/W and y by H'/H (float32 ratios)."""
+    ratio_h = _float_ratio(new_size[0], old_size[0], boxes.device)
+    ratio_w = _float_ratio(new_size[1], old_size[1], boxes.device)
+    x1, y1, x2, y2 = boxes.unbind(1)
+    return torch.stack((x1 * ratio_w, y1 * ratio_h, x2 * ratio_w, y2 * ratio_h), dim=1)
+
+
+def _float_ratio(new: int, old: int, device) -> Tensor:
+    # float32 tensors divided, not Python floats: the same rounding as torchvision
+    return torch.tensor(new, dtype=torch.float32, device=device) / torch.tensor(old, dtype=torch.float32, device=device)
+
+
+class ImageTransform(nn.Module):
+    """Images list[[3, H, W]] -> (batch [N, 3, Hb, Wb], image_sizes [(H', W')], targets with resized boxes).
+
+    min_size may be a tuple: in training each image then gets a random one (multi-scale training); in eval the last.
+    size_divisible pads the batch so that every stride of the backbone (up to 32) divides it exactly.
+    """
+
+    def __init__(self, min_size: int | tuple[int, ...] = 800, max_size: int = 1333, image_mean=None, image_std=None,
+                 size_divisible: int = 32):
+        super().__init__()
+        self.min_size = tuple(min_size) if isinstance(min_size, (list, tuple)) else (min_size,)
+        self.max_size = max_size
+        self.image_mean = list(image_mean if image_mean is not None else IMAGENET_MEAN)
+        self.image_std = list(image_std if image_std is not None else IMAGENET_STD)
+        self.size_divisible = size_divisible
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(\n    Normalize(mean={self.image_mean}, std={self.image_std})\n"
+                f"    Resize(min_size={self.min_size}, max_size={self.max_size}, mode='bilinear', keep aspect ratio)\n"
+                f"    Pad(batch to a multiple of size_divisible={self.size_divisible}, value 0 after normalising)\n)")
+
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
+        if targets is not None:
+            targets = [dict(t) for t in targets]  # never modify the caller's dicts
+        resized = []
+        for i, image in enumerate(images):
+            # Normalise first, then resize (torchvision's order; the two nearly commute, but not to the last bit).
+            image = self.resize(self.normalize(image))
+            if targets is not None:
+                targets[i]["boxes"] = resize_boxes(targets[i]["boxes"], image_hw(images[i]), image_hw(image))
+            resized.append(image)
+        image_sizes = [image_hw(image) for image in resized]
+        return self.batch_images(resized), image_sizes, targets
+
+    def normalize(self, image: Tensor) -> Tensor:
+        mean = torch.as_tensor(self.image_mean, dtype=image.dtype, device=image.device)
+        std = torch.as_tensor(self.image_std, dtype=image.dtype, device=image.device)
+        return (image - mean[:, None, None]) / std[:, None, None]
+
+    def choose_min_size(self) -> int:
+        """Training: a random entry of min_size, drawn from torch's RNG (seeded by seed_everything) even when there
+        is only one, exactly as torchvision does, so seeded runs match it draw for draw. Eval: the last entry."""
+        if not self.training:
+            return self.min_size[-1]
+        index = int(torch.empty(1).uniform_(0.0, float(len(self.min_size))).item())
+        return self.min_size[index]
+
+    def resize(self, image: Tensor) -> Tensor:
+        h, w = image_hw(image)
+        new_size = resized_size(h, w, self.choose_min_size(), self.max_size)
+        return F.interpolate(image[None], size=new_size, mode="bilinear", align_corners=False)[0]
+
+    def batch_images(self, images: list[Tensor]) -> Tensor:
+        """Zero-pad at the bottom/right to a common size rounded up to size_divisible; boxes are unaffected."""
+        stride = self.size_divisible
+        h = int(math.ceil(max(img.shape[1] for img in images) / stride) * stride)
+        w = int(math.ceil(max(img.shape[2] for img in images) / stride) * stride)
+        batch = images[0].new_zeros((len(images), images[0].shape[0], h, w))
+        for img, padded in zip(images, batch, strict=True):
+            padded[:, : img.shape[1], : img.shape[2]].copy_(img)
+        return batch
+
+    def postprocess(self, detections: list[dict[str, Tensor]], image_sizes: list[tuple[int, int]],
+                    original_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
+        """Map the detected boxes from the resized images back to the original ones (a new list of new dicts)."""
+        return [{**det, "boxes": resize_boxes(det["boxes"], size, orig)}
+                for det, size, orig in zip(detections, image_sizes, original_sizes, strict=True)]
+
+
+def image_hw(image: Tensor) -> tuple[int, int]:
+    return int(image.shape[-2]), int(image.shape[-1])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Input validation: fail loudly, naming the image and the box, before anything is computed
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def check_images(images) -> None:
+    """images must be a non-empty list of float tensors [3, H, W] with H, W > 0."""
+    if not isinstance(images, (list, tuple)) or len(images) == 0:
+        raise ValueError(f"images must be a non-empty list of float tensors [3, H, W], got {type(images).__name__}")
+    for i, image in enumerate(images):
+        if not isinstance(image, Tensor) or image.dim() != 3 or image.shape[0] != 3 or min(image.shape) == 0:
+            shape = tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__
+            raise ValueError(f"image {i}: expected a float tensor [3, H, W], got {shape}")
+        if not image.is_floating_point():
+            raise ValueError(f"image {i}: expected a float tensor with values in 0..1, got dtype {image.dtype}")
+
+
+def check_target(index: int, target: dict, num_classes: int) -> None:
+    """boxes [G, 4] float, finite, x2 > x1 and y2 > y1 (positive width and height); labels [G] int64 in 0..K-1."""
+    if not isinstance(target, dict) or "boxes" not in target or "labels" not in target:
+        raise ValueError(f"target {index}: expected a dict with 'boxes' and 'labels'")
+    boxes, labels = target["boxes"], target["labels"]
+    if not isinstance(boxes, Tensor) or boxes.dim() != 2 or boxes.shape[1] != 4 or not boxes.is_floating_point():
+        raise ValueError(f"image {index}: boxes must be a float tensor [G, 4], got {getattr(boxes, 'shape', boxes)}")
+    if not isinstance(labels, Tensor) or labels.dtype != torch.int64 or labels.shape != boxes.shape[:1]:
+        raise ValueError(f"image {index}: labels must be an int64 tensor [{len(boxes)}], got "
+                         f"{getattr(labels, 'dtype', type(labels).__name__)} {tuple(getattr(labels, 'shape', ()))}")
+    bad = ~torch.isfinite(boxes).all(dim=1) | (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
+    if bad.any():
+        j = int(torch.where(bad)[0][0])
+        raise ValueError(f"image {index}, box {j}: {boxes[j].tolist()} is not a valid x1,y1,x2,y2 box "
+                         "(needs finite coordinates, x2 > x1 and y2 > y1)")
+    bad = (labels < 0) | (labels >= num_classes)
+    if bad.any():
+        j = int(torch.where(bad)[0][0])
+        raise ValueError(f"image {index}, box {j}: label {int(labels[j])} is outside 0..{num_classes - 1}")
+
+
+def check_inputs(images, targets, num_classes: int, training: bool) -> None:
+    check_images(images)
+    if targets is None:
+        if training:
+            raise ValueError("targets are required in training mode")
+        return
+    if not isinstance(targets, (list, tuple)) or len(targets) != len(images):
+        raise ValueError(f"expected one target per image ({len(images)}), got {len(targets)}")
+    for i, target in enumerate(targets):
+        check_target(i, target, num_classes)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The detector
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class FasterRCNN(nn.Module):
+    """Faster R-CNN (+ FPN when the backbone has one). Same constructor arguments and defaults as torchvision's.
+
+    Parts left as None get torchvision's defaults for an FPN backbone: one anchor size per level (32..512) with
+    ratios (0.5, 1, 2), RPNHead, MultiScaleRoIAlign on levels '0'-'3' (7x7, sampling ratio 2), TwoMLPHead with
+    1024 units, FastRCNNPredictor. forward(images, targets=None): losses in training, detections in eval.
+    """
+
+    def __init__(
+        self, backbone: nn.Module, num_classes: int | None = None,
+        # transform
+        min_size=800, max_size=1333, image_mean=None, image_std=None, size_divisible=32,
+        # RPN
+        rpn_anchor_generator=None, rpn_head=None,
+        rpn_pre_nms_top_n_train=2000, rpn_pre_nms_top_n_test=1000,
+        rpn_post_nms_top_n_train=2000, rpn_post_nms_top_n_test=1000,
+        rpn_nms_thresh=0.7, rpn_fg_iou_thresh=0.7, rpn_bg_iou_thresh=0.3,
+        rpn_batch_size_per_image=256, rpn_positive_fraction=0.5, rpn_score_thresh=0.0,
+        # box head
+        box_roi_pool=None, box_head=None, box_predictor=None,
+        box_score_thresh=0.05, box_nms_thresh=0.5, box_detections_per_img=100,
+        box_fg_iou_thresh=0.5, box_bg_iou_thresh=0.5, box_batch_size_per_image=512, box_positive_fraction=0.25,
+        bbox_reg_weights=None,
+    ):
+        super().__init__()
+        from frcnn_tutorial.anchors import fpn_anchor_generator
+        from frcnn_tutorial.pooling import MultiScaleRoIAlign
+        from frcnn_tutorial.roi_heads import FastRCNNPredictor, RoIHeads, TwoMLPHead
+        from frcnn_tutorial.rpn import RegionProposalNetwork, RPNHead
+
+        if (num_classes is None) == (box_predictor is None):
+            raise ValueError("give exactly one of num_classes and box_predictor")
+        channels = backbone.out_channels
+        anchor_generator = rpn_anchor_generator or fpn_anchor_generator()
+        rpn_head = rpn_head or RPNHead(channels, anchor_generator.num_anchors_per_location()[0])
+        box_roi_pool = box_roi_pool or MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=2)
+        resolution = _pair(box_roi_pool.output_size)
+        box_head = box_head or TwoMLPHead(channels * resolution[0] * resolution[1], 1024)
+        box_predictor = box_predictor or FastRCNNPredictor(1024, num_classes)
+
+        self.transform = ImageTransform(min_size, max_size, image_mean, image_std, size_divisible)
+        self.backbone = backbone
+        self.rpn = RegionProposalNetwork(
+            anchor_generator, rpn_head, rpn_fg_iou_thresh, rpn_bg_iou_thresh, rpn_batch_size_per_image,
+            rpn_positive_fraction, dict(training=rpn_pre_nms_top_n_train, testing=rpn_pre_nms_top_n_test),
+            dict(training=rpn_post_nms_top_n_train, testing=rpn_post_nms_top_n_test), rpn_nms_thresh,
+            score_thresh=rpn_score_thresh)
+        self.roi_heads = RoIHeads(
+            box_roi_pool, box_head, box_predictor, box_fg_iou_thresh, box_bg_iou_thresh, box_batch_size_per_image,
+            box_positive_fraction, bbox_reg_weights, box_score_thresh, box_nms_thresh, box_detections_per_img)
+
+    @property
+    def num_classes(self) -> int:
+        """K, read off the predictor so that swapping it (fine-tuning on new classes) keeps the checks right."""
+        return self.roi_heads.box_predictor.cls_score.out_features
+
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
+        check_inputs(images, targets, self.num_classes, self.training)
+        original_sizes = [image_hw(image) for image in images]
+        batch, image_sizes, targets = self.transform(images, targets)
+
+        features = self.backbone(batch)
+        if isinstance(features, Tensor):  # a plain single-map backbone
+            features = OrderedDict([("0", features)])
+        proposals, rpn_losses = self.rpn(batch, image_sizes, features, targets)
+        detections, head_losses = self.roi_heads(features, proposals, image_sizes, targets)
+
+        if self.training:
+            return {**head_losses, **rpn_losses}  # torchvision's key order
+        return self.transform.postprocess(detections, image_sizes, original_sizes)
+
+
+def _pair(size) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else tuple(size)
