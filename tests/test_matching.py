@@ -117,3 +117,13 @@ def test_sampler_golden_counts():
     (pos,), (neg,) = BalancedPositiveNegativeSampler(256, 0.5)([labels])
     # 300 positives are capped at 128; the 256 - 128 = 128 negative places find only 50 negatives
     assert pos.sum() == 128 and neg.sum() == 50
+
+
+def test_matcher_quirk_a_gt_box_overlapping_no_anchor_makes_every_anchor_positive():
+    # torchvision's rule, kept on purpose: this gt box's best IoU is 0, so every anchor "ties" for its best
+    # and gets its own best gt (index 0 when all IoUs are 0) -> all positive. Targets must be sane boxes
+    # inside the image (the model checks them) before they reach the matcher.
+    anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0]])
+    iou = box_iou(torch.tensor([[100.0, 100.0, 110.0, 110.0]]), anchors)  # far from both anchors: [[0, 0]]
+    assert Matcher(0.7, 0.3, True)(iou).tolist() == [0, 0] == TVMatcher(0.7, 0.3, True)(iou).tolist()
+    assert Matcher(0.7, 0.3, False)(iou).tolist() == [-1, -1]
