@@ -2,7 +2,7 @@
 
 Shape shorthand: B = 4 images per batch, each [3,H,W] float32, resized so min(H,W) = 256 or max(H,W) = 384.
 
-    python -m frcnn_tutorial.data [--root data/embedded] [--workers 0 1 2] [--batches 50]
+    python -m frcnn_tutorial.data [--root data/embedded] [--workers 0 1 2] [--batches 149]
 
 Measured on the embedded dataset's train split (generated first if absent), batch 4, with
 flip + photometric jitter + resize to 256..384 (the resize the embedded-cpu preset asks of the model).
@@ -26,7 +26,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m frcnn_tutorial.data", description=__doc__.split("\n")[0])
     parser.add_argument("--root", default=None, help="embedded dataset root (default: data_dir()/embedded)")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--batches", type=int, default=50)
+    parser.add_argument("--batches", type=int, default=149, help="149 batches of 4 + the first: one epoch")
     args = parser.parse_args(argv)
     transforms = Compose([RandomHorizontalFlip(0.5), PhotometricJitter(), ResizeKeepAspect(256, 384)])
     dataset = embedded_dataset("train", transforms=transforms, root=args.root)
