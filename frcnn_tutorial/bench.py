@@ -1,0 +1,133 @@
+"""Benchmarks, not timed tests: ours against torchvision on the same inputs, runs interleaved, median seconds.
+
+    python -m frcnn_tutorial.bench pooling   # readable roi_align / roi_pool against torchvision's compiled kernels
+
+Shape shorthand: N images, C channels, h x w feature map, K RoIs.
+Interleaving (ours, theirs, ours, theirs, ...) spreads any slowdown of a shared machine over both sides; the median
+ignores the odd slow run. Ratios are ours / torchvision: above 1 means ours is slower.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torchvision
+
+from frcnn_tutorial.pooling import roi_align, roi_pool
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], runs: int, warmup: int = 1) -> dict[str, float]:
+    """Median wall-clock seconds of each function, calling them in turn `runs` times after `warmup` rounds."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(runs):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def random_proposals(num_rois: int, image_size: tuple[int, int], num_images: int, seed: int = 0) -> torch.Tensor:
+    """[K, 5] RoIs like an RPN's: sides log-uniform in 16..512 px, aspect ratios 1/3..3, clipped to the image."""
+    g = torch.Generator().manual_seed(seed)
+    height, width = image_size
+    side = torch.exp(torch.empty(num_rois).uniform_(2.77, 6.24, generator=g))  # log(16) .. log(512)
+    ratio = torch.exp(torch.empty(num_rois).uniform_(-1.1, 1.1, generator=g))  # h / w
+    half = torch.stack([side / ratio.sqrt(), side * ratio.sqrt()], dim=1) / 2  # (w / 2, h / 2)
+    centre = torch.rand(num_rois, 2, generator=g) * torch.tensor([width, height])
+    boxes = torch.cat([centre - half, centre + half], dim=1)
+    boxes = torch.minimum(boxes.clamp(min=0), torch.tensor([width, height, width, height]))
+    batch = torch.randint(0, num_images, (num_rois, 1), generator=g).float()
+    return torch.cat([batch, boxes], dim=1)
+
+
+def _forward_backward(fn, features, rois, *args):
+    """One training-like call: forward, then the gradient of the sum with respect to the features."""
+    features.grad = None
+    fn(features, rois, *args).sum().backward()
+
+
+def pooling_cases():
+    """(op, setting, ours, torchvision, extra args, backward?) for each row of the table."""
+    align_tv, pool_tv = torchvision.ops.roi_align, torchvision.ops.roi_pool
+    return [
+        ("roi_align", "sampling_ratio=2 (the model's), forward", roi_align, align_tv, (2, False), False),
+        ("roi_align", "sampling_ratio=2, forward+backward", roi_align, align_tv, (2, False), True),
+        ("roi_align", "sampling_ratio=-1 (adaptive), forward", roi_align, align_tv, (-1, False), False),
+        ("roi_align", "aligned=True, sampling_ratio=2, forward", roi_align, align_tv, (2, True), False),
+        ("roi_pool", "forward", roi_pool, pool_tv, (), False),
+        ("roi_pool", "forward+backward", roi_pool, pool_tv, (), True),
+    ]
+
+
+def bench_pooling(features_shape=(2, 256, 50, 68), num_rois: int = 512, output_size: int = 7, stride: int = 16,
+                  runs: int = 10, seed: int = 0) -> list[dict]:
+    """Readable roi_align / roi_pool (pooling.py) against torchvision's kernels on [N, C, h, w] features.
+
+    The default is a batch of two 800 x 1088 images at stride 16 (VGG16's conv5_3, or FPN's P4) and 512 RoIs
+    (RoIHeads' training sample). Returns one row per case: op, setting, ours_s, torchvision_s (median seconds),
+    ratio (ours / torchvision) and max_abs_diff between the two outputs.
+    """
+    g = torch.Generator().manual_seed(seed)
+    features = torch.randn(*features_shape, generator=g).requires_grad_(True)
+    image_size = (features_shape[2] * stride, features_shape[3] * stride)
+    rois = random_proposals(num_rois, image_size, features_shape[0], seed)
+    rows = []
+    for op, setting, ours, theirs, extra, backward in pooling_cases():
+        args = (output_size, 1 / stride, *extra)
+        with torch.no_grad():
+            diff = (ours(features, rois, *args) - theirs(features, rois, *args)).abs().max().item()
+        if backward:
+            fns = {"ours": lambda f=ours, a=args: _forward_backward(f, features, rois, *a),
+                   "torchvision": lambda f=theirs, a=args: _forward_backward(f, features, rois, *a)}
+        else:
+            fns = {"ours": lambda f=ours, a=args: f(features.detach(), rois, *a),
+                   "torchvision": lambda f=theirs, a=args: f(features.detach(), rois, *a)}
+        medians = interleaved_medians(fns, runs)
+        rows.append(dict(op=op, setting=setting, ours_s=medians["ours"], torchvision_s=medians["torchvision"],
+                         ratio=medians["ours"] / medians["torchvision"], max_abs_diff=diff))
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [f"{'op':<10} {'setting':<42} {'ours (s)':>10} {'torchvision (s)':>16} {'ours/tv':>8} {'max |diff|':>11}"]
+    for r in rows:
+        lines.append(f"{r['op']:<10} {r['setting']:<42} {r['ours_s']:>10.4f} {r['torchvision_s']:>16.4f} "
+                     f"{r['ratio']:>8.1f} {r['max_abs_diff']:>11.1e}")
+    return "\n".join(lines)
+
+
+def _run_pooling(args) -> None:
+    shape = tuple(args.shape)
+    print(f"RoI pooling: features {list(shape)}, {args.rois} RoIs, {args.output_size}x{args.output_size}, stride "
+          f"{args.stride}, {torch.get_num_threads()} torch threads, median of {args.runs} interleaved runs")
+    print(format_table(bench_pooling(shape, args.rois, args.output_size, args.stride, args.runs, args.seed)))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m frcnn_tutorial.bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: as the machine has)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    pooling = commands.add_parser("pooling", help="readable roi_align / roi_pool against torchvision's kernels")
+    pooling.add_argument("--shape", type=int, nargs=4, default=[2, 256, 50, 68], metavar=("N", "C", "h", "w"))
+    pooling.add_argument("--rois", type=int, default=512)
+    pooling.add_argument("--output-size", type=int, default=7)
+    pooling.add_argument("--stride", type=int, default=16)
+    pooling.add_argument("--runs", type=int, default=10)
+    pooling.add_argument("--seed", type=int, default=0)
+    pooling.set_defaults(run=_run_pooling)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()
