@@ -15,11 +15,21 @@ which turns a torchvision FasterRCNN into ours with the same weights and the sam
 from __future__ import annotations
 
 import math
+import re
+import warnings
 from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from frcnn_tutorial import backbones
+from frcnn_tutorial.anchors import AnchorGenerator, fpn_anchor_generator, vgg16_anchor_generator
+from frcnn_tutorial.boxes import BoxCoder
+from frcnn_tutorial.matching import Matcher
+from frcnn_tutorial.pooling import MultiScaleRoIAlign, SingleScaleRoIPool
+from frcnn_tutorial.roi_heads import FastRCNNPredictor, RoIHeads, TwoMLPHead
+from frcnn_tutorial.rpn import RegionProposalNetwork, RPNHead
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -207,20 +217,19 @@ class FasterRCNN(nn.Module):
         bbox_reg_weights=None,
     ):
         super().__init__()
-        from frcnn_tutorial.anchors import fpn_anchor_generator
-        from frcnn_tutorial.pooling import MultiScaleRoIAlign
-        from frcnn_tutorial.roi_heads import FastRCNNPredictor, RoIHeads, TwoMLPHead
-        from frcnn_tutorial.rpn import RegionProposalNetwork, RPNHead
-
         if (num_classes is None) == (box_predictor is None):
             raise ValueError("give exactly one of num_classes and box_predictor")
         channels = backbone.out_channels
-        anchor_generator = rpn_anchor_generator or fpn_anchor_generator()
-        rpn_head = rpn_head or RPNHead(channels, anchor_generator.num_anchors_per_location()[0])
-        box_roi_pool = box_roi_pool or MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=2)
-        resolution = _pair(box_roi_pool.output_size)
-        box_head = box_head or TwoMLPHead(channels * resolution[0] * resolution[1], 1024)
-        box_predictor = box_predictor or FastRCNNPredictor(1024, num_classes)
+        anchor_generator = rpn_anchor_generator if rpn_anchor_generator is not None else fpn_anchor_generator()
+        if rpn_head is None:
+            rpn_head = RPNHead(channels, anchor_generator.num_anchors_per_location()[0])
+        if box_roi_pool is None:
+            box_roi_pool = MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=2)
+        if box_head is None:
+            resolution = _pair(box_roi_pool.output_size)
+            box_head = TwoMLPHead(channels * resolution[0] * resolution[1], 1024)
+        if box_predictor is None:  # reads the head's width: 1024 for the TwoMLPHead above, 4096 for VGG16's fc7
+            box_predictor = FastRCNNPredictor(box_head.fc7.out_features, num_classes)
 
         self.transform = ImageTransform(min_size, max_size, image_mean, image_std, size_divisible)
         self.backbone = backbone
@@ -256,3 +265,171 @@ class FasterRCNN(nn.Module):
 
 def _pair(size) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else tuple(size)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Builders
+# ---------------------------------------------------------------------------------------------------------------
+
+# py-faster-rcnn's VOC set-up (experiments/cfgs/faster_rcnn_end2end.yml + lib/fast_rcnn/config.py): shorter side
+# 600, longer at most 1000; RPN keeps the 12000 best anchors, NMS 0.7, then 2000 proposals in training (6000 ->
+# 300 at test time); 128 RoIs per image, 25% objects; test-time box NMS 0.3. Not copied: its RPN_MIN_SIZE of 16 px
+# (torchvision's 1e-3 is kept: it only drops degenerate boxes).
+VGG16_PAPER_SETTINGS = dict(
+    min_size=600, max_size=1000,
+    rpn_pre_nms_top_n_train=12000, rpn_post_nms_top_n_train=2000,
+    rpn_pre_nms_top_n_test=6000, rpn_post_nms_top_n_test=300,
+    box_batch_size_per_image=128, box_nms_thresh=0.3,
+)
+
+# The tiny CPU model, sized for the embedded dataset (images 128..320 px, objects 10 px .. 90% of the shorter side):
+# images resized to 256..384 (objects about 12..300 px), one anchor size per level from 16 (P2, stride 4) to 256
+# (P6, stride 64); a quarter of the proposals and RoIs of the big model: 600 per level -> 300 after NMS in training,
+# 300 -> 100 at test time (2-6 objects per image need no more), 128 RoIs per image, a 256-wide box head.
+TINY_FPN_SETTINGS = dict(
+    min_size=256, max_size=384,
+    rpn_pre_nms_top_n_train=600, rpn_post_nms_top_n_train=300,
+    rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=100,
+    box_batch_size_per_image=128,
+)
+TINY_FPN_ANCHOR_SIZES = (16, 32, 64, 128, 256)
+
+
+def faster_rcnn_vgg16(num_classes: int, pretrained_backbone: bool = False, **kwargs) -> FasterRCNN:
+    """The original Faster R-CNN (Ren et al., 2015): no FPN, no RoIAlign.
+
+    VGG16 conv5_3 (stride 16, 512 channels) feeds both the RPN and the box head; one level of 9 anchors,
+    (128, 256, 512) x (0.5, 1, 2); RoIPool 7x7 at 1/16; VGG16's own fc6/fc7 (4096) as the box head; the
+    py-faster-rcnn settings above. kwargs (FasterRCNN's keyword arguments) override them.
+    """
+    return FasterRCNN(
+        backbones.vgg16_backbone(pretrained_backbone), num_classes,
+        rpn_anchor_generator=vgg16_anchor_generator(),
+        box_roi_pool=SingleScaleRoIPool("0", output_size=7, spatial_scale=1 / 16),
+        box_head=backbones.vgg16_box_head(pretrained_backbone),
+        **{**VGG16_PAPER_SETTINGS, **kwargs},
+    )
+
+
+def faster_rcnn_resnet50_fpn(num_classes: int, pretrained_backbone: bool = False, trainable_layers: int | None = None,
+                             **kwargs) -> FasterRCNN:
+    """torchvision's fasterrcnn_resnet50_fpn layout (its state_dicts load, after torchvision_key_to_ours).
+
+    As torchvision: with an ImageNet backbone the batch norms are frozen and the last 3 stages train (or
+    trainable_layers); from scratch the batch norms are ordinary BatchNorm2d and every layer trains.
+    """
+    if pretrained_backbone:
+        backbone = backbones.resnet50_fpn_backbone(True, 3 if trainable_layers is None else trainable_layers)
+    else:
+        if trainable_layers not in (None, 5):
+            warnings.warn(f"trainable_layers={trainable_layers} ignored: a backbone trained from scratch trains "
+                          "every layer (as torchvision)", stacklevel=2)
+        backbone = backbones.resnet50_fpn_backbone(False, trainable_layers=5, norm_layer=nn.BatchNorm2d)
+    return FasterRCNN(backbone, num_classes, **kwargs)
+
+
+def faster_rcnn_tiny_fpn(num_classes: int, **kwargs) -> FasterRCNN:
+    """A small FPN detector that trains on a 2-core CPU in minutes (see TINY_FPN_SETTINGS for the choices).
+
+    backbones.tiny_fpn_backbone (4 conv stages + FPN, 64 channels), MultiScaleRoIAlign on P2..P5, a TwoMLPHead
+    of 256 units. kwargs (FasterRCNN's keyword arguments) override the settings.
+    """
+    backbone = backbones.tiny_fpn_backbone(out_channels=64)
+    return FasterRCNN(
+        backbone, num_classes,
+        rpn_anchor_generator=fpn_anchor_generator(TINY_FPN_ANCHOR_SIZES),
+        box_roi_pool=MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=2),
+        box_head=TwoMLPHead(backbone.out_channels * 7 * 7, 256),
+        **{**TINY_FPN_SETTINGS, **kwargs},
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Importing a torchvision FasterRCNN: same settings, same weights
+# ---------------------------------------------------------------------------------------------------------------
+
+# torchvision wraps some convolutions in blocks (Conv2dNormActivation inside a Sequential), so their parameters
+# carry an extra ".0.0" / ".0"; ours are plain Conv2d. Every key not matched by a rule has the same name in both.
+TORCHVISION_KEY_RENAMES = [
+    (r"^rpn\.head\.conv\.0\.0\.", "rpn.head.conv."),  # RPN 3x3 conv: Sequential(Conv2dNormActivation(conv))
+]
+
+
+def torchvision_key_to_ours(key: str) -> str:
+    for pattern, replacement in TORCHVISION_KEY_RENAMES:
+        if re.match(pattern, key):
+            return re.sub(pattern, replacement, key)
+    return key
+
+
+def torchvision_settings(tv_model: nn.Module) -> dict:
+    """FasterRCNN keyword arguments reproducing tv_model's settings, read off its modules (never assumed)."""
+    t, rpn, roi = tv_model.transform, tv_model.rpn, tv_model.roi_heads
+    if t.fixed_size is not None or getattr(t, "_skip_resize", False):
+        raise NotImplementedError("from_torchvision: fixed_size / _skip_resize transforms are not supported")
+    return dict(
+        min_size=tuple(t.min_size), max_size=t.max_size, image_mean=list(t.image_mean),
+        image_std=list(t.image_std), size_divisible=t.size_divisible,
+        rpn_pre_nms_top_n_train=rpn._pre_nms_top_n["training"], rpn_pre_nms_top_n_test=rpn._pre_nms_top_n["testing"],
+        rpn_post_nms_top_n_train=rpn._post_nms_top_n["training"],
+        rpn_post_nms_top_n_test=rpn._post_nms_top_n["testing"],
+        rpn_nms_thresh=rpn.nms_thresh, rpn_score_thresh=rpn.score_thresh,
+        rpn_fg_iou_thresh=rpn.proposal_matcher.high_threshold, rpn_bg_iou_thresh=rpn.proposal_matcher.low_threshold,
+        rpn_batch_size_per_image=rpn.fg_bg_sampler.batch_size_per_image,
+        rpn_positive_fraction=rpn.fg_bg_sampler.positive_fraction,
+        box_score_thresh=roi.score_thresh, box_nms_thresh=roi.nms_thresh, box_detections_per_img=roi.detections_per_img,
+        box_fg_iou_thresh=roi.proposal_matcher.high_threshold, box_bg_iou_thresh=roi.proposal_matcher.low_threshold,
+        box_batch_size_per_image=roi.fg_bg_sampler.batch_size_per_image,
+        box_positive_fraction=roi.fg_bg_sampler.positive_fraction,
+        bbox_reg_weights=tuple(roi.box_coder.weights),
+    )
+
+
+def copy_fixed_settings(model: FasterRCNN, tv_model: nn.Module) -> None:
+    """Settings torchvision's constructor does not expose but its modules hold: copy them too (not assumed)."""
+    for ours, theirs in ((model.rpn, tv_model.rpn), (model.roi_heads, tv_model.roi_heads)):
+        ours.box_coder = BoxCoder(tuple(theirs.box_coder.weights), theirs.box_coder.bbox_xform_clip)
+        m = theirs.proposal_matcher
+        ours.proposal_matcher = Matcher(m.high_threshold, m.low_threshold, m.allow_low_quality_matches)
+    model.rpn.min_size = tv_model.rpn.min_size
+
+
+def parts_from_torchvision(tv_model: nn.Module) -> dict:
+    """Our versions of tv_model's replaceable parts (same shapes; weights are copied afterwards)."""
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor as TVPredictor
+    from torchvision.models.detection.faster_rcnn import TwoMLPHead as TVTwoMLPHead
+
+    rpn, roi = tv_model.rpn, tv_model.roi_heads
+    if roi.has_mask() or roi.has_keypoint():
+        raise NotImplementedError("from_torchvision: only Faster R-CNN (no mask / keypoint heads)")
+    if not isinstance(roi.box_head, TVTwoMLPHead) or not isinstance(roi.box_predictor, TVPredictor):
+        raise NotImplementedError(f"from_torchvision: box head {type(roi.box_head).__name__} is not a TwoMLPHead")
+    if len(rpn.head.conv) != 1 or len(rpn.head.conv[0]) != 2:  # conv_depth 1, conv + ReLU, no norm layer
+        raise NotImplementedError("from_torchvision: only the single-conv RPN head (fasterrcnn_resnet50_fpn)")
+    pool, fc6 = roi.box_roi_pool, roi.box_head.fc6
+    return dict(
+        backbone=backbones.resnet50_fpn_from_torchvision(tv_model.backbone),
+        rpn_anchor_generator=AnchorGenerator(rpn.anchor_generator.sizes, rpn.anchor_generator.aspect_ratios),
+        rpn_head=RPNHead(rpn.head.cls_logits.in_channels, rpn.head.cls_logits.out_channels),
+        box_roi_pool=MultiScaleRoIAlign(list(pool.featmap_names), pool.output_size, pool.sampling_ratio,
+                                        canonical_scale=pool.canonical_scale, canonical_level=pool.canonical_level),
+        box_head=TwoMLPHead(fc6.in_features, fc6.out_features),
+        box_predictor=FastRCNNPredictor(roi.box_predictor.cls_score.in_features,
+                                        roi.box_predictor.cls_score.out_features),
+    )
+
+
+def from_torchvision(tv_model: nn.Module) -> FasterRCNN:
+    """Our FasterRCNN with exactly the weights, trainable flags, train/eval mode and settings of a torchvision
+    FasterRCNN (e.g. fasterrcnn_resnet50_fpn built with any keyword arguments, COCO weights included).
+
+    The state_dict is copied key by key through torchvision_key_to_ours (see TORCHVISION_KEY_RENAMES), strictly:
+    a missing or unexpected key is an error, so nothing is silently left at its random initial value.
+    """
+    model = FasterRCNN(num_classes=None, **parts_from_torchvision(tv_model), **torchvision_settings(tv_model))
+    copy_fixed_settings(model, tv_model)
+    model.load_state_dict({torchvision_key_to_ours(k): v for k, v in tv_model.state_dict().items()}, strict=True)
+    ours = dict(model.named_parameters())
+    for key, param in tv_model.named_parameters():  # frozen layers stay frozen
+        ours[torchvision_key_to_ours(key)].requires_grad_(param.requires_grad)
+    return model.train(tv_model.training)

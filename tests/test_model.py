@@ -141,3 +141,96 @@ def test_nan_free_on_valid_extremes():
     images = images_of_sizes([(50, 60)])
     target = {"boxes": torch.tensor([[0.0, 0.0, 0.01, 0.01], [0.0, 0.0, 60.0, 50.0]]), "labels": torch.tensor([1, 2])}
     M.check_inputs(images, [target], 3, training=True)
+
+
+# ---- builders and the assembled model ---------------------------------------------------------------------------
+
+
+def test_vgg16_is_the_papers_set_up():
+    from frcnn_tutorial.pooling import SingleScaleRoIPool
+
+    torch.manual_seed(0)
+    model = M.faster_rcnn_vgg16(num_classes=21)
+    assert model.transform.min_size == (600,) and model.transform.max_size == 1000
+    rpn, roi = model.rpn, model.roi_heads
+    assert rpn.anchor_generator.sizes == ((128, 256, 512),) and rpn.anchor_generator.num_anchors_per_location() == [9]
+    assert rpn.pre_nms_top_n == {"training": 12000, "testing": 6000}
+    assert rpn.post_nms_top_n == {"training": 2000, "testing": 300}
+    assert isinstance(roi.box_roi_pool, SingleScaleRoIPool) and roi.box_roi_pool.spatial_scale == 1 / 16
+    assert roi.box_roi_pool.output_size == (7, 7)
+    assert roi.box_head.fc6.in_features == 512 * 7 * 7 and roi.box_head.fc7.out_features == 4096
+    assert roi.box_predictor.cls_score.in_features == 4096 and model.num_classes == 21
+    assert roi.box_predictor.bbox_pred.out_features == 4 * 21  # class-specific boxes
+    assert roi.fg_bg_sampler.batch_size_per_image == 128 and roi.nms_thresh == 0.3
+    small = M.faster_rcnn_vgg16(num_classes=21, min_size=128, max_size=192)  # kwargs override; small for speed
+    assert small.transform.min_size == (128,) and small.rpn.post_nms_top_n["testing"] == 300
+    images = images_of_sizes([(120, 160)])
+    losses = small.train()(images, targets_for(images))
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_resnet50_fpn_builder_loads_torchvision_weights():
+    from torchvision.models.detection import fasterrcnn_resnet50_fpn
+
+    torch.manual_seed(0)
+    ours = M.faster_rcnn_resnet50_fpn(num_classes=21)
+    tv = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=21)
+    state = {M.torchvision_key_to_ours(k): v for k, v in tv.state_dict().items()}
+    ours.load_state_dict(state, strict=True)  # same layout, key for key
+    # from scratch, as torchvision: ordinary batch norms, every layer trains
+    assert isinstance(ours.backbone.body.bn1, torch.nn.BatchNorm2d)
+    assert all(p.requires_grad for p in ours.parameters())
+    with pytest.warns(UserWarning, match="trainable_layers=3 ignored"):
+        M.faster_rcnn_resnet50_fpn(num_classes=3, trainable_layers=3)
+
+
+def test_tiny_fpn_trains_and_detects_in_original_coordinates():
+    torch.manual_seed(0)
+    model = M.faster_rcnn_tiny_fpn(num_classes=4)
+    assert model.transform.min_size == (256,) and model.transform.max_size == 384
+    assert model.rpn.anchor_generator.sizes == ((16,), (32,), (64,), (128,), (256,))
+    assert model.roi_heads.box_head.fc7.out_features == 256
+    images = images_of_sizes([(128, 200), (320, 180)])
+    targets = targets_for(images)
+    targets[0]["labels"] = torch.tensor([1, 3])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    model.train()
+    history = []
+    for _ in range(12):  # overfit two images: the summed loss must drop
+        losses = model(images, targets)
+        assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
+        total = sum(losses.values())
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+        history.append(total.item())
+    assert history[-1] < 0.7 * history[0]
+    model.eval().roi_heads.score_thresh = 0.0
+    with torch.no_grad():
+        dets = model(images)
+    for det, image in zip(dets, images, strict=True):
+        assert det.keys() == {"boxes", "labels", "scores"} and len(det["boxes"]) > 0
+        h, w = image.shape[1:]
+        assert det["boxes"][:, 2].max() <= w and det["boxes"][:, 3].max() <= h  # original, not resized, pixels
+        assert det["labels"].min() >= 1 and det["labels"].max() <= 3
+
+
+def test_num_classes_follows_a_swapped_predictor():
+    from frcnn_tutorial.roi_heads import FastRCNNPredictor
+
+    model = M.faster_rcnn_tiny_fpn(num_classes=10)
+    model.roi_heads.box_predictor = FastRCNNPredictor(256, 3)  # fine-tuning on 2 classes + background
+    images = images_of_sizes([(100, 100)])
+    target = {"boxes": torch.tensor([[1.0, 1.0, 20.0, 20.0]]), "labels": torch.tensor([5])}
+    with pytest.raises(ValueError, match="image 0, box 0: label 5 is outside 0..2"):
+        model.train()(images, [target])
+
+
+def test_constructor_needs_exactly_one_of_num_classes_and_predictor():
+    from frcnn_tutorial.backbones import tiny_fpn_backbone
+    from frcnn_tutorial.roi_heads import FastRCNNPredictor
+
+    with pytest.raises(ValueError, match="exactly one"):
+        M.FasterRCNN(tiny_fpn_backbone(), num_classes=None)
+    with pytest.raises(ValueError, match="exactly one"):
+        M.FasterRCNN(tiny_fpn_backbone(), num_classes=3, box_predictor=FastRCNNPredictor(1024, 3))
