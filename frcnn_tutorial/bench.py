@@ -1,6 +1,7 @@
 """Benchmarks, not timed tests: ours against torchvision on the same inputs, runs interleaved, median seconds.
 
     python -m frcnn_tutorial.bench pooling   # readable roi_align / roi_pool against torchvision's compiled kernels
+    python -m frcnn_tutorial.bench speed     # the whole model (from_torchvision, same weights) against torchvision's
 
 Shape shorthand: N images, C channels, h x w feature map, K RoIs.
 Interleaving (ours, theirs, ours, theirs, ...) spreads any slowdown of a shared machine over both sides; the median
@@ -111,6 +112,75 @@ def _run_pooling(args) -> None:
     print(format_table(bench_pooling(shape, args.rois, args.output_size, args.stride, args.runs, args.seed)))
 
 
+# ---- speed: the whole detector, ours (from_torchvision: same weights) against torchvision's ---------------------
+
+
+def speed_models(num_classes: int = 91):
+    """torchvision's fasterrcnn_resnet50_fpn (random weights, seed 0) and ours carrying exactly its weights."""
+    from torchvision.models.detection import fasterrcnn_resnet50_fpn
+
+    from frcnn_tutorial.model import from_torchvision
+
+    torch.manual_seed(0)
+    tv = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=num_classes)
+    return from_torchvision(tv), tv
+
+
+def speed_inputs(num_images: int, height: int, width: int, seed: int = 0):
+    """N random images [3, height, width], each with 4 random boxes (labels 1..90)."""
+    g = torch.Generator().manual_seed(seed)
+    images = [torch.rand(3, height, width, generator=g) for _ in range(num_images)]
+    targets = []
+    for _ in range(num_images):
+        xy = torch.rand(4, 2, generator=g) * torch.tensor([width * 0.6, height * 0.6])
+        wh = 16 + torch.rand(4, 2, generator=g) * torch.tensor([width * 0.3, height * 0.3])
+        targets.append({"boxes": torch.cat([xy, xy + wh], 1), "labels": torch.randint(1, 91, (4,), generator=g)})
+    return images, targets
+
+
+def inference_step(model, images):
+    def run():
+        with torch.no_grad():
+            model.eval()(images)
+    return run
+
+
+def training_step(model, images, targets):
+    """Forward + backward, no optimiser step (the weights stay equal on both sides); same seed, same samples."""
+    def run():
+        torch.manual_seed(0)
+        sum(model.train()(images, targets).values()).backward()
+        model.zero_grad(set_to_none=True)
+    return run
+
+
+def bench_speed(num_images: int = 2, height: int = 480, width: int = 640, repeats: int = 5) -> list[dict]:
+    """Median seconds of ours and torchvision's Faster R-CNN ResNet-50-FPN, interleaved in this one process."""
+    ours, tv = speed_models()
+    images, targets = speed_inputs(num_images, height, width)
+    rows = []
+    for task, step in (("inference", lambda m: inference_step(m, images)),
+                       ("training step (fwd+bwd)", lambda m: training_step(m, images, targets))):
+        medians = interleaved_medians({"ours": step(ours), "torchvision": step(tv)}, repeats)
+        rows.append(dict(task=task, ours_s=medians["ours"], torchvision_s=medians["torchvision"],
+                         ratio=medians["ours"] / medians["torchvision"]))
+    return rows
+
+
+def format_speed_table(rows: list[dict]) -> str:
+    lines = ["| task | ours (s) | torchvision (s) | ours / torchvision |", "| --- | ---: | ---: | ---: |"]
+    for r in rows:
+        lines.append(f"| {r['task']} | {r['ours_s']:.3f} | {r['torchvision_s']:.3f} | {r['ratio']:.3f} |")
+    return "\n".join(lines)
+
+
+def _run_speed(args) -> None:
+    print(f"Faster R-CNN ResNet-50-FPN (ours = from_torchvision(tv): same weights, same inputs), {args.images} "
+          f"images {args.height}x{args.width}, CPU, {torch.get_num_threads()} torch threads, median of "
+          f"{args.repeats} interleaved runs")
+    print(format_speed_table(bench_speed(args.images, args.height, args.width, args.repeats)))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m frcnn_tutorial.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: as the machine has)")
@@ -123,6 +193,12 @@ def main(argv=None) -> None:
     pooling.add_argument("--runs", type=int, default=10)
     pooling.add_argument("--seed", type=int, default=0)
     pooling.set_defaults(run=_run_pooling)
+    speed = commands.add_parser("speed", help="the whole model (from_torchvision) against torchvision's")
+    speed.add_argument("--images", type=int, default=2)
+    speed.add_argument("--height", type=int, default=480)
+    speed.add_argument("--width", type=int, default=640)
+    speed.add_argument("--repeats", type=int, default=5)
+    speed.set_defaults(run=_run_speed)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
