@@ -139,3 +139,29 @@ def test_bad_targets_raise_before_any_computation(bad_box, small_model):
         ours.train()(images, targets)
     hook.remove()
     assert not called  # the check comes before the backbone, so no loss (and no NaN) is ever computed
+
+
+def test_pretrained_layout_frozen_batch_norms_and_frozen_layers_are_copied():
+    """The layout of torchvision's COCO detector: FrozenBatchNorm2d with eps 0 (overwrite_eps), conv1 and layer1
+    frozen (trainable_backbone_layers=3). Built here without downloading: random weights, random BN statistics."""
+    from torchvision.models.detection import FasterRCNN as TVFasterRCNN
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    torch.manual_seed(0)
+    body = resnet_fpn_backbone(backbone_name="resnet50", weights=None, norm_layer=FrozenBatchNorm2d,
+                               trainable_layers=3)
+    tv = TVFasterRCNN(body, num_classes=21, box_score_thresh=0.01, **SMALL)
+    for module in tv.modules():
+        if isinstance(module, FrozenBatchNorm2d):
+            module.eps = 0.0
+            module.running_var.uniform_(0.5, 2.0)
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.bias.uniform_(-0.1, 0.1)
+    ours = M.from_torchvision(tv.eval())
+    assert not ours.training
+    flags = {M.torchvision_key_to_ours(k): p.requires_grad for k, p in tv.named_parameters()}
+    assert {k: p.requires_grad for k, p in ours.named_parameters()} == flags
+    assert not flags["backbone.body.layer1.0.conv1.weight"] and flags["backbone.body.layer2.0.conv1.weight"]
+    assert all(m.eps == 0.0 for m in ours.backbone.body.modules() if hasattr(m, "running_var"))
+    assert_same_detections(ours, tv, images_of_sizes([(200, 260), (150, 300)], seed=4))
