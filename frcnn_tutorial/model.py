@@ -259,7 +259,7 @@ class FasterRCNN(nn.Module):
         detections, head_losses = self.roi_heads(features, proposals, image_sizes, targets)
 
         if self.training:
-            return {**head_losses, **rpn_losses}  # torchvision's key order
+            return {**rpn_losses, **head_losses}  # pipeline order: RPN first (torchvision lists the head first)
         return self.transform.postprocess(detections, image_sizes, original_sizes)
 
 
