@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt
 
 from frcnn_tutorial import viz
 
-DPI = 80  # figures are 4-14 inches wide: 320-1120 px PNGs, a few tens of kB each
+DPI = 90  # figures are 4.6-16 inches wide: 410-1440 px PNGs (wider ones shrink to the notebook), ~20-150 kB
 SIZE_CHOICES = (8, 16, 32, 64, 128, 256, 512)
 RATIO_CHOICES = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 10.0)  # h / w; 0.1 and 10 are the extremes to try
 STRIDE_CHOICES = (4, 8, 16, 32, 64)
@@ -34,7 +34,8 @@ class Explorer(widgets.VBox):
         super().__init__()
         self.controls, self.render, self._busy = controls, render, False
         self.outputs = {css: widgets.HTML().add_class(css) for css in outputs}
-        self.figure = widgets.Image(format="png", layout=widgets.Layout(max_width="100%", height="auto"))
+        # flex-start: at its own size, not stretched (and blurred) to the width of the notebook
+        self.figure = widgets.Image(format="png", layout=widgets.Layout(max_width="100%", align_self="flex-start"))
         self.message = widgets.HTML()  # why a redraw failed, if it ever does
         cells = list(controls.values())
         rows = [widgets.HBox(cells[i : i + columns]) for i in range(0, len(cells), columns)]
@@ -171,7 +172,8 @@ def anchor_explorer(dataset=None, index: int = 0, sizes=(32, 64, 128), aspect_ra
         "col": _slider("column", w // 2, 0, w - 1, css="anchor-col"),
         "high": _slider("positive IoU >=", 0.7, 0.0, 1.0, step=0.05, css="anchor-high"),
         "low": _slider("negative IoU <", 0.3, 0.0, 1.0, step=0.05, css="anchor-low"),
-        "best_match": widgets.Checkbox(value=True, description="each object's best anchor is positive"),
+        "best_match": widgets.Checkbox(value=True, description="each object's best anchor is positive", indent=False,
+                                       layout=widgets.Layout(width="auto")),
     }
 
     def render(c):
@@ -251,7 +253,8 @@ def roi_pooling_explorer(feature_size=(8, 10), spatial_scale: float = 1 / 16, se
         "height": _slider("RoI height", 60.0, 0.0, span_y + 2.0 * stride, step=1.0, css="roi-height"),
         "output_size": _slider("output size", 2, 1, 7, css="roi-output-size"),
         "sampling_ratio": _slider("sampling ratio", 2, -1, 4, css="roi-sampling-ratio"),
-        "aligned": widgets.Checkbox(value=False, description="aligned (half-pixel shift)"),
+        "aligned": widgets.Checkbox(value=False, description="aligned (half-pixel shift)", indent=False,
+                                    layout=widgets.Layout(width="auto")),
     }
 
     def render(c):
