@@ -3,22 +3,18 @@ modules and hand-computed cases; extreme inputs draw a figure instead of raising
 
 import math
 
-import matplotlib
+import matplotlib.pyplot as plt
+import pytest
+import torch
+import torchvision
+from matplotlib.figure import Figure
+from torchvision.models.detection._utils import Matcher as TorchvisionMatcher
 
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torchvision  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from torchvision.models.detection._utils import Matcher as TorchvisionMatcher  # noqa: E402
-
-from frcnn_tutorial import viz  # noqa: E402
-from frcnn_tutorial.anchors import AnchorGenerator  # noqa: E402
-from frcnn_tutorial.boxes import box_iou  # noqa: E402
-from frcnn_tutorial.data import EMBEDDED_CLASSES, embedded_dataset  # noqa: E402
-from frcnn_tutorial.model import faster_rcnn_tiny_fpn  # noqa: E402
+from frcnn_tutorial import viz
+from frcnn_tutorial.anchors import AnchorGenerator
+from frcnn_tutorial.boxes import box_iou
+from frcnn_tutorial.data import EMBEDDED_CLASSES, embedded_dataset
+from frcnn_tutorial.model import faster_rcnn_tiny_fpn
 
 
 @pytest.fixture(autouse=True)

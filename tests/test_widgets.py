@@ -4,17 +4,13 @@ import re
 import statistics
 import time
 
-import matplotlib
+import matplotlib.pyplot as plt
+import pytest
+import torch
 
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from frcnn_tutorial import viz, widgets  # noqa: E402
-from frcnn_tutorial.data import EMBEDDED_CLASSES, embedded_dataset  # noqa: E402
-from frcnn_tutorial.model import faster_rcnn_tiny_fpn  # noqa: E402
+from frcnn_tutorial import viz, widgets
+from frcnn_tutorial.data import EMBEDDED_CLASSES, embedded_dataset
+from frcnn_tutorial.model import faster_rcnn_tiny_fpn
 
 
 def number(explorer, css, pattern=r"([-\d.,]+)"):
