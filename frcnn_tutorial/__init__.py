@@ -6,9 +6,9 @@ from pathlib import Path
 
 __version__ = "0.1.0"
 
-from frcnn_tutorial.utils import get_device, profile, seed_everything  # noqa: E402
+from frcnn_tutorial.utils import get_device, profile, seed_everything, show_source  # noqa: E402
 
-__all__ = ["__version__", "hello", "get_device", "seed_everything", "profile", "data_dir"]
+__all__ = ["__version__", "hello", "get_device", "seed_everything", "profile", "show_source", "data_dir"]
 
 
 def data_dir() -> Path:

@@ -30,3 +30,26 @@ def profile() -> str:
     if value not in ("ci", "full"):
         raise ValueError(f"FRCNN_PROFILE must be 'ci' or 'full', got {value!r}")
     return value
+
+
+def show_source(obj) -> None:
+    """Show the package's own code for `obj` (a function or class) in a notebook.
+
+    The notebooks teach with the code the package ships, never a second copy: this prints it, highlighted in
+    Jupyter, plain in a terminal. `show_source(frcnn_tutorial.boxes.box_iou)`.
+    """
+    import inspect
+
+    source = inspect.getsource(obj)
+    where = f"# {obj.__module__.replace('.', '/')}.py"
+    try:
+        from IPython import get_ipython
+        from IPython.display import Markdown, display
+
+        if get_ipython() is not None:
+            display(Markdown(f"```python\n{where}\n{source}```"))
+            return
+    except ImportError:
+        pass
+    print(where)
+    print(source)
