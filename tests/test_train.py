@@ -1,0 +1,221 @@
+"""The training engine on the CPU at small scale: every preset's code path, AMP, resume, DDP, failures."""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from frcnn_tutorial import engine
+from frcnn_tutorial.data import make_embedded_dataset
+from frcnn_tutorial.train import PRESETS, load_model, make_config, parse_args, train
+
+ROOT = Path(__file__).resolve().parent.parent
+# Tiny images, two steps, evaluation on the 4 "val" images: each run takes a few seconds.
+FAST = dict(max_iters=2, batch_size=2, min_size=96, max_size=128, progress=False, log_every=1, workers=0,
+            test_split="val", extra={"rpn_pre_nms_top_n_test": 100, "rpn_post_nms_top_n_test": 50})
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    """A small embedded dataset (VOC layout) that every test here trains on."""
+    root = tmp_path_factory.mktemp("data")
+    make_embedded_dataset(root / "embedded", seed=1, num_train=12, num_val=4, num_test=6)
+    return root
+
+
+def run(tmp_path, data_root, preset="embedded-cpu", **overrides):
+    cfg = make_config(preset, **{**FAST, "dataset": "embedded", "data_root": str(data_root),
+                                 "out": str(tmp_path / "run"), **overrides})
+    return train(cfg), Path(cfg.out)
+
+
+@pytest.fixture(scope="module")
+def embedded_run(tmp_path_factory, data_root) -> tuple[dict, Path]:
+    """One short embedded-cpu run shared by the tests that only read its results."""
+    return run(tmp_path_factory.mktemp("embedded"), data_root, max_iters=3, test_split="test")
+
+
+def test_embedded_cpu_writes_every_artefact(embedded_run):
+    metrics, out = embedded_run
+    for name in ("last.pt", "log.csv", "curves.png", "metrics.json"):
+        assert (out / name).is_file(), f"{name} missing"
+    saved = json.loads((out / "metrics.json").read_text())
+    for key in ("mAP", "ap", "metric", "train_time_s", "images_per_s", "preset", "iterations"):
+        assert key in saved
+    assert saved["iterations"] == 3 and saved["preset"] == "embedded-cpu" and saved["metric"] == "area"
+    assert 0.0 <= saved["mAP"] <= 1.0 and saved == json.loads(json.dumps(metrics))
+    rows = (out / "log.csv").read_text().splitlines()
+    assert rows[0].startswith("step") and "loss_objectness" in rows[0] and "mAP" in rows[0]
+    assert len(rows) == 1 + 3 + 1  # header, a row per step (log_every=1), the final evaluation
+
+
+def test_load_model_rebuilds_the_trained_model(embedded_run, data_root):
+    from frcnn_tutorial.data import embedded_dataset
+
+    _, out = embedded_run
+    model, cfg, classes = load_model(out / "last.pt")
+    assert not model.training and cfg.preset == "embedded-cpu" and cfg.lr_steps == tuple(PRESETS["embedded-cpu"]
+                                                                                          ["lr_steps"])
+    saved = torch.load(out / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+    test_set = embedded_dataset("test", root=data_root / "embedded")
+    assert engine.evaluate(model, test_set, progress=False)["mAP"] == pytest.approx(embedded_run[0]["mAP"])
+
+
+@pytest.mark.parametrize("preset", ["voc07-vgg16", "voc0712-r50fpn", "voc0712-r50fpn-finetune"])
+def test_voc_presets_code_path_on_embedded_data(tmp_path, data_root, preset):
+    """The VOC presets' models and optimisers, on tiny images, without downloading any weights."""
+    metrics, out = run(tmp_path, data_root, preset=preset, weights="none", max_iters=1, batch_size=1,
+                       metric=PRESETS[preset]["metric"])
+    assert metrics["iterations"] == 1 and metrics["metric"] == "voc07"
+    model, cfg, classes = load_model(out / "last.pt")
+    assert cfg.model == PRESETS[preset]["model"] and len(classes) >= 5
+
+
+def test_amp_on_cpu_uses_bfloat16_and_trains(tmp_path, data_root):
+    metrics, _ = run(tmp_path, data_root, amp=True)
+    assert metrics["iterations"] == 2
+    with engine.autocast_context(torch.device("cpu"), amp=True):
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path, data_root):
+    """4 steps straight vs 2 steps, stop, resume to 4: same weights, optimiser state and step (batch 4 of 12
+    images: 3 steps per epoch, so the resumed run finishes epoch 1 mid-way and starts epoch 2)."""
+    common = dict(max_iters=4, batch_size=4, checkpoint_every=1, hflip=0.5, seed=3)
+    run(tmp_path / "straight", data_root, **common)
+    run(tmp_path / "split", data_root, **{**common, "max_iters": 2})
+    run(tmp_path / "split", data_root, **common, resume=True)
+    straight = torch.load(tmp_path / "straight/run/last.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "split/run/last.pt", weights_only=True)
+    assert resumed["step"] == straight["step"] == 4
+    for key, value in straight["model"].items():
+        assert torch.equal(value, resumed["model"][key]), f"{key} differs after resume"
+    for a, b in zip(straight["optimizer"]["state"].values(), resumed["optimizer"]["state"].values(), strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert straight["scheduler"] == resumed["scheduler"]
+    with open(tmp_path / "split/run/log.csv", newline="") as f:
+        logged = [float(row["step"]) for row in csv.DictReader(f) if row["loss"]]
+    assert logged == [1, 2, 3, 4]  # no step logged twice
+
+
+def test_resume_refuses_a_different_config_and_names_the_fields(tmp_path, data_root, embedded_run):
+    _, done = embedded_run
+    (tmp_path / "run").mkdir()
+    shutil.copy(done / "last.pt", tmp_path / "run" / "last.pt")
+    with pytest.raises(SystemExit, match=r"lr: checkpoint has 0.002, this run has 0.5"):
+        run(tmp_path, data_root, max_iters=4, lr=0.5, resume=True, test_split="test")
+    metrics, _ = run(tmp_path, data_root, max_iters=4, epochs=20, resume=True, test_split="test")  # longer: allowed
+    assert metrics["iterations"] == 4
+
+
+def test_checkpoint_with_a_pickled_object_is_refused(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {}, "payload": Payload()}, path)
+    with pytest.raises(engine.CheckpointError, match="refused to load"):
+        engine.load_checkpoint(path)
+
+
+def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    engine.save_checkpoint(path, {"step": 1})
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        engine.save_checkpoint(path, {"step": 2})
+    assert engine.load_checkpoint(path)["step"] == 1  # the old file is intact
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, data_root, monkeypatch):
+    from frcnn_tutorial import train as train_module
+
+    real_build = train_module.build_model
+
+    def poisoned(cfg, num_classes):
+        model = real_build(cfg, num_classes)
+        forward, calls = model.forward, {"n": 0}
+
+        def forward_with_nan(images, targets=None):
+            losses = forward(images, targets)
+            calls["n"] += 1
+            if model.training and calls["n"] == 3:
+                losses["loss_classifier"] = losses["loss_classifier"] * float("nan")
+            return losses
+
+        model.forward = forward_with_nan
+        return model
+
+    monkeypatch.setattr(train_module, "build_model", poisoned)
+    with pytest.raises(SystemExit, match=r"not finite at step 2.*last finite losses: loss_objectness="):
+        run(tmp_path, data_root, max_iters=5, checkpoint_every=1)
+    kept = engine.load_checkpoint(tmp_path / "run" / "last.pt")
+    assert kept["step"] == 2
+
+
+def test_missing_voc_says_how_to_download(tmp_path):
+    cfg = make_config("voc07-vgg16", data_root=str(tmp_path), out=str(tmp_path / "out"), weights="none")
+    with pytest.raises(SystemExit, match=r"python -m frcnn_tutorial.data.voc --download"):
+        train(cfg)
+
+
+def test_empty_dataset_says_what_to_do(tmp_path):
+    make_embedded_dataset(tmp_path / "empty" / "embedded", seed=0, num_train=0, num_val=1, num_test=1)
+    cfg = make_config("embedded-cpu", **{**FAST, "data_root": str(tmp_path / "empty"), "out": str(tmp_path / "o")})
+    with pytest.raises(SystemExit, match=r"empty split.*ImageSets/Main"):
+        train(cfg)
+
+
+def test_command_line_overrides_every_field():
+    cfg = parse_args(["--preset", "voc0712-r50fpn", "--max-iters", "7", "--batch-size", "8", "--lr", "0.01",
+                      "--epochs", "3", "--device", "cpu", "--data-root", "/x", "--amp", "true",
+                      "--lr-steps", "2,3", "--extra", '{"box_score_thresh": 0.01}'])
+    assert (cfg.max_iters, cfg.batch_size, cfg.lr, cfg.epochs, cfg.device, cfg.data_root, cfg.amp) == \
+        (7, 8, 0.01, 3, "cpu", "/x", True)
+    assert cfg.lr_steps == (2, 3) and cfg.extra == {"box_score_thresh": 0.01} and cfg.model == "resnet50_fpn"
+    with pytest.raises(SystemExit):
+        parse_args(["--amp", "maybe"])
+    with pytest.raises(ValueError, match="unknown preset"):
+        make_config("voc2099")
+
+
+def test_two_process_ddp_with_gloo_keeps_ranks_identical(tmp_path, data_root):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "frcnn_tutorial.train", "--preset", "embedded-cpu", "--data-root", str(data_root),
+           "--out", str(out), "--max-iters", "3", "--batch-size", "4", "--min-size", "96", "--max-size", "128",
+           "--progress", "false", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["iterations"] == 3
+    first, second = metrics["weights_checksums"]
+    assert first == second, "the two processes ended with different weights"
+
+
+def test_predict_draws_detections(tmp_path, data_root, embedded_run):
+    from frcnn_tutorial.predict import main as predict_main
+
+    _, out = embedded_run
+    image = next((data_root / "embedded").rglob("*.jpg"))
+    assert predict_main(["--checkpoint", str(out / "last.pt"), str(image), "--out", str(tmp_path / "pred"),
+                         "--score-threshold", "0.0"]) == 0
+    assert (tmp_path / "pred" / f"{image.stem}.png").stat().st_size > 1000
+    with pytest.raises(SystemExit, match="no such image"):
+        predict_main(["--checkpoint", str(out / "last.pt"), str(tmp_path / "missing.jpg"), "--out",
+                      str(tmp_path / "pred")])
+    assert predict_main(["--checkpoint", str(tmp_path / "nothing.pt"), str(image), "--out", str(tmp_path)]) == 2
