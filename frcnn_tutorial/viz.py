@@ -259,7 +259,8 @@ def anchor_figure(image, gt_boxes, sizes=(32, 64, 128), aspect_ratios=(0.5, 1.0,
     ax_grid.set_title(f"{A} anchors at location ({row}, {col}) of {h} x {w}, stride {stride}", fontsize=9)
     ax_labels.set_title(f"IoU >= {high:.2f}: {info['num_positive']} positive, < {min(low, high):.2f}: "
                         f"{info['num_negative']} negative, {info['num_ignored']} ignored", fontsize=9)
-    fig.tight_layout()
+    # fixed margins, not tight_layout(): measuring every tick label costs ~0.3 s per redraw of the explorer
+    fig.subplots_adjust(left=0.05, right=0.99, bottom=0.06, top=0.94, wspace=0.15)
     return fig, info
 
 
