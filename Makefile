@@ -11,7 +11,7 @@ PROFILE ?= full
 # JupyterLab refuses to start as root unless told
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--ServerApp.allow_root=True,)
 
-.PHONY: setup lab run test clean-notebooks clean
+.PHONY: setup lab run test clean-notebooks clean classroom assignments
 
 setup: $(STAMP)
 
@@ -30,6 +30,21 @@ run: $(STAMP)
 test: $(STAMP)
 	FRCNN_PROFILE=ci $(BIN)/python -m pytest --nbval-lax --nbval-current-env --nbval-cell-timeout=900 \
 		-p no:cacheprovider tests notebooks $(PYTEST_ARGS)
+
+# Teachers: nbgrader lives in its own venv (.venv-classroom) so that .venv's JupyterLab never gets its extensions;
+# that venv reuses .venv's packages (torch, the course) through a .pth file and adds only the [classroom] extra.
+CLASSROOM := .venv-classroom
+CLASSROOM_STAMP := $(CLASSROOM)/.installed
+
+classroom: $(CLASSROOM_STAMP)
+
+$(CLASSROOM_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/python -m frcnn_tutorial.assignments env $(CLASSROOM)
+	@touch $@
+
+# build/course/: nbgrader_config.py, source/<chapter>/, and the student versions in release/<chapter>/
+assignments: $(CLASSROOM_STAMP)
+	$(CLASSROOM)/bin/python -m frcnn_tutorial.assignments build --course build/course
 
 clean-notebooks: $(STAMP)
 	$(BIN)/python -m frcnn_tutorial.series strip
