@@ -2,6 +2,7 @@
 
     python -m frcnn_tutorial.bench pooling   # readable roi_align / roi_pool against torchvision's compiled kernels
     python -m frcnn_tutorial.bench speed     # the whole model (from_torchvision, same weights) against torchvision's
+    python -m frcnn_tutorial.bench train-speed  # training images/s of the tiny CPU model against torchvision's
 
 Shape shorthand: N images, C channels, h x w feature map, K RoIs.
 Interleaving (ours, theirs, ours, theirs, ...) spreads any slowdown of a shared machine over both sides; the median
@@ -181,6 +182,88 @@ def _run_speed(args) -> None:
     print(format_speed_table(bench_speed(args.images, args.height, args.width, args.repeats)))
 
 
+# ---- train-speed: the tiny CPU detector (embedded-cpu preset), ours against torchvision's FasterRCNN ------------
+
+
+def tiny_models(num_classes: int = 7, **settings):
+    """Ours (faster_rcnn_tiny_fpn) and torchvision's FasterRCNN built from a copy of the same tiny FPN backbone,
+    the same anchors, RoIAlign, box head and settings, carrying exactly our weights (strict load)."""
+    import copy
+
+    from torchvision.models.detection import FasterRCNN as TVFasterRCNN
+    from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAnchorGenerator
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor as TVFastRCNNPredictor
+    from torchvision.models.detection.faster_rcnn import TwoMLPHead as TVTwoMLPHead
+    from torchvision.ops import MultiScaleRoIAlign as TVMultiScaleRoIAlign
+
+    from frcnn_tutorial.model import (
+        TINY_FPN_ANCHOR_SIZES,
+        TINY_FPN_SETTINGS,
+        faster_rcnn_tiny_fpn,
+        torchvision_key_to_ours,
+    )
+
+    torch.manual_seed(0)
+    settings = {**TINY_FPN_SETTINGS, **settings}
+    ours = faster_rcnn_tiny_fpn(num_classes, **settings)
+    sizes = tuple((s,) for s in TINY_FPN_ANCHOR_SIZES)
+    channels = ours.backbone.out_channels
+    tv = TVFasterRCNN(copy.deepcopy(ours.backbone), None,
+                      rpn_anchor_generator=TVAnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes)),
+                      box_roi_pool=TVMultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=2),
+                      box_head=TVTwoMLPHead(channels * 7 * 7, 256),
+                      box_predictor=TVFastRCNNPredictor(256, num_classes), **settings)
+    mine = ours.state_dict()
+    tv.load_state_dict({k: mine[torchvision_key_to_ours(k)] for k in tv.state_dict()}, strict=True)
+    return ours, tv
+
+
+def embedded_batch(num_images: int, root=None):
+    """The first N images of the embedded training split (under root, default data/embedded) and their targets."""
+    from frcnn_tutorial.data import embedded_dataset
+
+    dataset = embedded_dataset("train", root=root)
+    samples = [dataset[i] for i in range(num_images)]
+    return [s[0] for s in samples], [{"boxes": s[1]["boxes"], "labels": s[1]["labels"]} for s in samples]
+
+
+def optimiser_step(model, images, targets, lr: float = 1e-4):
+    """A whole training iteration as train.py runs it: forward, backward, AdamW update (small lr, so the two models
+    stay close; each has its own optimiser), same seed for the samplers on both sides."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+
+    def run():
+        torch.manual_seed(0)
+        loss = sum(model.train()(images, targets).values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return run
+
+
+def bench_train_speed(num_images: int = 4, repeats: int = 15) -> list[dict]:
+    """Images per second of a training iteration, ours against torchvision's, interleaved, on embedded images."""
+    ours, tv = tiny_models()
+    images, targets = embedded_batch(num_images)
+    medians = interleaved_medians({"ours": optimiser_step(ours, images, targets),
+                                   "torchvision": optimiser_step(tv, images, targets)}, repeats, warmup=2)
+    return [dict(task=f"training iteration, batch {num_images}", ours_s=medians["ours"],
+                 torchvision_s=medians["torchvision"], ours_ips=num_images / medians["ours"],
+                 torchvision_ips=num_images / medians["torchvision"],
+                 ratio=medians["torchvision"] / medians["ours"])]
+
+
+def _run_train_speed(args) -> None:
+    print(f"Tiny FPN detector (embedded-cpu preset's model; torchvision's FasterRCNN around the same backbone, same "
+          f"weights and settings), {args.images} embedded training images, {torch.get_num_threads()} torch threads, "
+          f"median of {args.repeats} interleaved iterations (forward + backward + AdamW step)")
+    print("| task | ours (s) | torchvision (s) | ours (images/s) | torchvision (images/s) | images/s ours / tv |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for r in bench_train_speed(args.images, args.repeats):
+        print(f"| {r['task']} | {r['ours_s']:.3f} | {r['torchvision_s']:.3f} | {r['ours_ips']:.2f} | "
+              f"{r['torchvision_ips']:.2f} | {r['ratio']:.3f} |")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m frcnn_tutorial.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: as the machine has)")
@@ -199,6 +282,10 @@ def main(argv=None) -> None:
     speed.add_argument("--width", type=int, default=640)
     speed.add_argument("--repeats", type=int, default=5)
     speed.set_defaults(run=_run_speed)
+    train_speed = commands.add_parser("train-speed", help="training images/s of the tiny CPU model vs torchvision's")
+    train_speed.add_argument("--images", type=int, default=4)
+    train_speed.add_argument("--repeats", type=int, default=15)
+    train_speed.set_defaults(run=_run_train_speed)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

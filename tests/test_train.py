@@ -188,6 +188,8 @@ def test_command_line_overrides_every_field():
     assert cfg.lr_steps == (2, 3) and cfg.extra == {"box_score_thresh": 0.01} and cfg.model == "resnet50_fpn"
     with pytest.raises(SystemExit):
         parse_args(["--amp", "maybe"])
+    bare = parse_args(["--resume", "--amp", "--progress", "false"])
+    assert bare.resume is True and bare.amp is True and bare.progress is False
     with pytest.raises(ValueError, match="unknown preset"):
         make_config("voc2099")
 
@@ -219,3 +221,36 @@ def test_predict_draws_detections(tmp_path, data_root, embedded_run):
         predict_main(["--checkpoint", str(out / "last.pt"), str(tmp_path / "missing.jpg"), "--out",
                       str(tmp_path / "pred")])
     assert predict_main(["--checkpoint", str(tmp_path / "nothing.pt"), str(image), "--out", str(tmp_path)]) == 2
+
+
+def test_grad_scaler_path_of_train_step(tmp_path, data_root):
+    """The CUDA AMP path (GradScaler: scale, step, update) run on the CPU with the CPU scaler and bf16 autocast."""
+    from frcnn_tutorial.data import collate_fn, embedded_dataset
+    from frcnn_tutorial.model import faster_rcnn_tiny_fpn
+
+    torch.manual_seed(0)
+    model = faster_rcnn_tiny_fpn(7, min_size=96, max_size=128)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    images, targets = collate_fn([embedded_dataset("train", root=data_root / "embedded")[i] for i in range(2)])
+    before = [p.detach().clone() for p in model.parameters()]
+    values = engine.train_step(model, list(images), list(targets), optimizer, scaler=scaler, amp=True,
+                               device=torch.device("cpu"))
+    assert set(values) == {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss"}
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert scaler.get_scale() == 2.0**8  # finite gradients: the scale stays (it grows only after 2000 steps)
+
+
+def test_train_speed_bench_compares_the_same_model(data_root):
+    """bench train-speed: torchvision's FasterRCNN around our tiny backbone, same weights -> same losses."""
+    from frcnn_tutorial.bench import embedded_batch, tiny_models
+
+    ours, tv = tiny_models(min_size=96, max_size=128)
+    images, targets = embedded_batch(2, root=data_root / "embedded")
+    torch.manual_seed(0)
+    a = ours.train()(images, targets)
+    torch.manual_seed(0)
+    b = tv.train()(images, targets)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key])
