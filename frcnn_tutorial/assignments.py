@@ -134,18 +134,22 @@ def _region(source: str, begin: str, end: str) -> tuple[list[str], list[str]]:
     return inside, outside
 
 
-def _task_line(cells, index: int) -> str:
-    """What an exercise asks, in a few words: from the Markdown cell right above its solution cell, the last heading
-    (or else the opening bold phrase, or the first line), without an "Exercise N (graded):" prefix."""
-    cell = cells[index - 1] if index > 0 else None
-    if cell is None or cell.cell_type != "markdown":
+def _task_line(cells, index: int, function: str = "") -> str:
+    """What an exercise asks, in a few words, from the Markdown cell that states it: the closest one above its
+    solution cell that names the function (else the one right above). Its bold "**Exercise N (graded): title.**"
+    phrase, else its last heading, else its first line; without the "Exercise N (graded):" prefix."""
+    above = [c for c in reversed(cells[:index]) if c.cell_type == "markdown"]
+    cell = next((c for c in above if function and function in c.source), None)
+    if cell is None:
+        previous = cells[index - 1] if index > 0 else None
+        cell = previous if previous is not None and previous.cell_type == "markdown" else None
+    if cell is None:
         return ""
     lines = [line.strip() for line in cell.source.splitlines() if line.strip()]
+    bold = re.search(r"\*\*(Exercise[^*]*)\*\*", cell.source)
     headings = [line.lstrip("#").strip() for line in lines if line.startswith("#")]
-    text = headings[-1] if headings else (lines[0] if lines else "")
-    bold = re.match(r"\*\*(.+?)\*\*", text)
-    if bold:
-        text = bold.group(1)
+    headings = [h for h in headings if h not in ("Exercises", "Summary")]
+    text = bold.group(1) if bold else headings[-1] if headings else (lines[0] if lines else "")
     text = re.sub(r"^Exercise\s*\d*\s*(\((graded|ungraded)\))?\s*[:.]\s*", "", text, flags=re.I)
     return text.strip().rstrip(".").replace("|", "\\|")
 
@@ -223,7 +227,7 @@ def inspect_chapter(path: Path) -> ChapterReport:
                             "one wrong answer would then cost more than its own points")
         index, gid = solutions[called[0]]
         report.exercises.append(Exercise(path.name[:2], path.name, gid, called[0], meta.get("grade_id"),
-                                         float(meta.get("points") or 0), _task_line(cells, index)))
+                                         float(meta.get("points") or 0), _task_line(cells, index, called[0])))
     graded = {e.function: e for e in report.exercises}
     for name, (index, gid) in solutions.items():
         if name not in graded:
