@@ -279,9 +279,14 @@ def write_index(results: list[RunResult], out_dir: Path) -> Path:
         f"&mdash; {r.seconds:.0f} s, {'ok' if r.ok else 'FAILED'}</li>"
         for r in results
     )
+    from frcnn_tutorial.utils import profile
+
+    total = sum(r.seconds for r in results)
     page = (
         "<!doctype html><html><head><meta charset='utf-8'><title>frcnn-tutorial</title></head>"
-        f"<body><h1>Faster R-CNN with FPN, step by step</h1><ol>\n{rows}\n</ol></body></html>\n"
+        f"<body><h1>Faster R-CNN with FPN, step by step</h1><ol>\n{rows}\n</ol>"
+        f"<p>Profile <code>{html.escape(profile())}</code>: {len(results)} notebooks in {total:.0f} s.</p>"
+        "</body></html>\n"
     )
     index = out_dir / "index.html"
     index.write_text(page, encoding="utf-8")
