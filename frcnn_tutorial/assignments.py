@@ -359,7 +359,7 @@ def build(course: Path = COURSE_DIR, notebook_dir: Path = NOTEBOOK_DIR, only: li
         if not report.exercises:
             error = error or "no graded exercises"
         elif not released.exists() or f"error processing assignment '{name}'" in log_text:
-            error = _tail(log_text) or "nbgrader generate_assignment wrote no student version"
+            error = "; ".join(filter(None, [error, "nbgrader generate_assignment: " + _nbgrader_error(log_text, name)]))
         else:
             leaked = leaks(nbformat.read(path, as_version=4), nbformat.read(released, as_version=4))
             if leaked:
@@ -370,6 +370,20 @@ def build(course: Path = COURSE_DIR, notebook_dir: Path = NOTEBOOK_DIR, only: li
             + ("ok" if result.ok else f"FAILED: {error}"))
     log(f"nbgrader generate_assignment: {len(todo)} assignments in {seconds:.0f} s")
     return results
+
+
+def _nbgrader_error(log_text: str, name: str) -> str:
+    """nbgrader's own message for the assignment `name` (the ERROR line logged just before it names the folder)."""
+    last = ""
+    for line in log_text.splitlines():
+        if "| ERROR]" not in line:
+            continue
+        message = line.split("| ERROR]", 1)[1].strip()
+        if "error processing assignment" in message and f"/{name}" in message:
+            return last or message
+        if not message.startswith(("There was an error", "Please see", "Traceback")):
+            last = message
+    return _tail(log_text, 5) or "no student version written"
 
 
 def _tail(text: str, n: int = 15) -> str:
