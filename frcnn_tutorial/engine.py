@@ -110,9 +110,14 @@ class SeededAugmentation(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         sample_seed = (self.seed * 1_000_003 + self.epoch * 100_003 + index) % (2**31)
-        random.seed(sample_seed)
-        torch.manual_seed(sample_seed)
-        return self.dataset[index]
+        python_state = random.getstate()
+        with torch.random.fork_rng(devices=[]):  # the training's own torch RNG (samplers) is left untouched
+            random.seed(sample_seed)
+            torch.manual_seed(sample_seed)
+            try:
+                return self.dataset[index]
+            finally:
+                random.setstate(python_state)
 
 
 def make_train_loader(dataset, batch_size: int, *, seed: int, epoch: int, skip_batches: int = 0,
@@ -166,7 +171,14 @@ def train_step(model, images, targets, optimizer, *, scaler=None, amp=False, dev
     total = sum(loss_dict.values())
     values = {k: float(v.detach()) for k, v in loss_dict.items()}
     values["loss"] = float(total.detach())
-    if not all(math.isfinite(v) for v in values.values()):
+    finite = all(math.isfinite(v) for v in values.values())
+    if world_size() > 1:  # every process stops together (one alone would leave the others waiting in backward)
+        flag = torch.tensor([float(finite)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        if finite and flag.item() == 0:
+            raise TrainingDiverged(f"loss is not finite on another process at step {step}; "
+                                   f"last finite losses here: {_fmt(last_finite or {})}")
+    if not finite:
         raise TrainingDiverged(
             f"loss is not finite at step {step}: {_fmt(values)}; last finite losses: {_fmt(last_finite or {})}"
         )

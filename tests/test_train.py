@@ -4,6 +4,7 @@ import csv
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -196,7 +197,10 @@ def test_command_line_overrides_every_field():
 
 def test_two_process_ddp_with_gloo_keeps_ranks_identical(tmp_path, data_root):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    with socket.socket() as probe:  # a free port: two test runs at once must not collide
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
            "-m", "frcnn_tutorial.train", "--preset", "embedded-cpu", "--data-root", str(data_root),
            "--out", str(out), "--max-iters", "3", "--batch-size", "4", "--min-size", "96", "--max-size", "128",
            "--progress", "false", "--device", "cpu"]
@@ -254,3 +258,24 @@ def test_train_speed_bench_compares_the_same_model(data_root):
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key])
+
+
+def test_tensorboard_is_optional(tmp_path, monkeypatch):
+    """Without the tensorboard package the log is still written (TensorBoard events only when it is installed)."""
+    import builtins
+
+    from frcnn_tutorial.train import RunLog
+
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name.startswith("torch.utils.tensorboard") or name.startswith("tensorboard"):
+            raise ImportError("No module named 'tensorboard'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    log = RunLog(tmp_path, enabled=True)
+    assert log.tb is None
+    log.write(1, {"loss": 1.0})
+    log.write(1, {"mAP": 0.5})
+    assert (tmp_path / "log.csv").read_text().splitlines()[0] == "step,loss,mAP"
