@@ -77,10 +77,15 @@ def free_port() -> int:
 
 
 def quiet_settings(settings_dir: Path) -> None:
-    """Turn off JupyterLab's news and update notifications (server flags alone do not)."""
+    """Turn off JupyterLab's news and update notifications (server flags alone do not); render all cells."""
     path = settings_dir / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False, "doNotDisturbMode": True}))
+    # Render every cell, not only those in view: JupyterLab 4's default windowing leaves an explorer far down a long
+    # chapter unrendered, so its labelled number would read empty.
+    tracker = settings_dir / "@jupyterlab" / "notebook-extension" / "tracker.jupyterlab-settings"
+    tracker.parent.mkdir(parents=True)
+    tracker.write_text(json.dumps({"windowingMode": "none"}))
 
 
 class Lab:
