@@ -37,11 +37,12 @@ from pathlib import Path
 
 import nbformat
 
+from frcnn_tutorial.series import GRADED_CHAPTERS, nbgrader_meta, notebook_paths, notebook_title
+
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK_DIR = ROOT / "notebooks"
 COURSE_DIR = ROOT / "build" / "course"
 SELFTEST_DIR = ROOT / "build" / "selftest"
-GRADED_CHAPTERS = tuple(f"{n:02d}" for n in range(1, 9))  # 01..08 carry graded exercises
 COURSE_ID = "frcnn-tutorial"
 CELL_TIMEOUT = 900  # seconds per cell when nbgrader executes a notebook
 SETUP_HINT = "run `make classroom` (it creates .venv-classroom with nbgrader)"
@@ -96,11 +97,7 @@ class ChapterReport:
 def chapter_paths(notebook_dir: Path = NOTEBOOK_DIR, only: list[str] | None = None) -> list[Path]:
     """The notebooks of chapters 01-08 that exist, in order (optionally only the numbers in `only`)."""
     wanted = [n for n in GRADED_CHAPTERS if not only or n in only]
-    return sorted(p for p in Path(notebook_dir).glob("[0-9][0-9]_*.ipynb") if p.name[:2] in wanted)
-
-
-def nbgrader_meta(cell) -> dict:
-    return cell.get("metadata", {}).get("nbgrader", {})
+    return [p for p in notebook_paths(Path(notebook_dir)) if p.name[:2] in wanted]
 
 
 def is_solution(cell) -> bool:
@@ -154,19 +151,10 @@ def _task_line(cells, index: int, function: str = "") -> str:
     return text.strip().rstrip(".").replace("|", "\\|")
 
 
-def notebook_title(nb) -> str:
-    for cell in nb.cells:
-        if cell.cell_type == "markdown":
-            for line in cell.source.splitlines():
-                if line.startswith("#"):
-                    return line.lstrip("#").strip()
-    return ""
-
-
 def inspect_chapter(path: Path) -> ChapterReport:
     """The graded exercises of one chapter and everything that would break nbgrader or the grading."""
     nb = nbformat.read(path, as_version=4)
-    report = ChapterReport(path.name, notebook_title(nb))
+    report = ChapterReport(path.name, notebook_title(nb, ""))
     problems = report.problems
     cells = nb.cells
     ids: dict[str, int] = {}

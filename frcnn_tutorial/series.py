@@ -93,7 +93,8 @@ def myth_numbers(nb: nbformat.NotebookNode) -> list[int]:
     return numbers
 
 
-def _nbgrader(cell) -> dict:
+def nbgrader_meta(cell) -> dict:
+    """A cell's nbgrader metadata ({} for a cell nbgrader does not know)."""
     return cell.get("metadata", {}).get("nbgrader", {}) or {}
 
 
@@ -103,7 +104,7 @@ def graded_exercise_problems(nb: nbformat.NotebookNode, name: str) -> tuple[int,
     problems, graded, solutions, seen_ids = [], 0, {}, set()
     exercises_at = _heading_index(nb, "## Exercises")
     for i, cell in enumerate(nb.cells):
-        meta = _nbgrader(cell)
+        meta = nbgrader_meta(cell)
         if not meta:
             continue
         grade_id = meta.get("grade_id", "")
