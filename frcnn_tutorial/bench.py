@@ -5,7 +5,7 @@
     python -m frcnn_tutorial.bench train-speed  # training images/s of the tiny CPU model against torchvision's
 
 Shape shorthand: N images, C channels, h x w feature map, K RoIs.
-Interleaving (ours, theirs, ours, theirs, ...) spreads any slowdown of a shared machine over both sides; the median
+Interleaving (ours, theirs, theirs, ours, ...) spreads any slowdown of a shared machine over both sides; the median
 ignores the odd slow run. Ratios are ours / torchvision: above 1 means ours is slower.
 """
 
@@ -24,7 +24,8 @@ from frcnn_tutorial.pooling import roi_align, roi_pool
 
 def interleaved_medians(fns: dict[str, Callable[[], object]], runs: int, warmup: int = 1,
                         clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
-    """Median wall-clock seconds of each function, calling them in turn `runs` times after `warmup` rounds.
+    """Median wall-clock seconds of each function, calling them in turn `runs` times after `warmup` rounds, the
+    order reversed every other round (what runs second may find the allocator's memory already mapped).
 
     clock=time.process_time measures this process's CPU seconds instead: with one torch thread, that is the
     fairer measure on a machine other jobs share (wall time then mostly measures the queue for the cores)."""
@@ -32,8 +33,9 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], runs: int, warmup:
         for fn in fns.values():
             fn()
     times = {name: [] for name in fns}
-    for _ in range(runs):
-        for name, fn in fns.items():
+    for run in range(runs):
+        order = list(fns.items())
+        for name, fn in order if run % 2 == 0 else order[::-1]:  # ABBA: neither side always goes first
             start = clock()
             fn()
             times[name].append(clock() - start)

@@ -302,13 +302,14 @@ def faster_rcnn_vgg16(num_classes: int, pretrained_backbone: bool = False, **kwa
     (128, 256, 512) x (0.5, 1, 2); RoIPool 7x7 at 1/16; VGG16's own fc6/fc7 (4096) as the box head; the
     py-faster-rcnn settings above. kwargs (FasterRCNN's keyword arguments) override them.
     """
-    return FasterRCNN(
-        backbones.vgg16_backbone(pretrained_backbone), num_classes,
-        rpn_anchor_generator=vgg16_anchor_generator(),
-        box_roi_pool=SingleScaleRoIPool("0", output_size=7, spatial_scale=1 / 16),
-        box_head=backbones.vgg16_box_head(pretrained_backbone),
-        **{**VGG16_PAPER_SETTINGS, **kwargs},
-    )
+    kwargs = {**VGG16_PAPER_SETTINGS, **kwargs}  # a part given in kwargs replaces the paper's
+    kwargs.setdefault("rpn_anchor_generator", vgg16_anchor_generator())
+    kwargs.setdefault("box_roi_pool", SingleScaleRoIPool("0", output_size=7, spatial_scale=1 / 16))
+    if "box_head" not in kwargs:  # fc6 takes 512 x 7 x 7: only a 7x7 pooler fits VGG16's own head
+        if _pair(kwargs["box_roi_pool"].output_size) != (7, 7):
+            raise ValueError("faster_rcnn_vgg16: VGG16's fc6 takes 7x7 RoIs; give a box_head for another size")
+        kwargs["box_head"] = backbones.vgg16_box_head(pretrained_backbone)
+    return FasterRCNN(backbones.vgg16_backbone(pretrained_backbone), num_classes, **kwargs)
 
 
 def faster_rcnn_resnet50_fpn(num_classes: int, pretrained_backbone: bool = False, trainable_layers: int | None = None,
@@ -335,13 +336,13 @@ def faster_rcnn_tiny_fpn(num_classes: int, **kwargs) -> FasterRCNN:
     of 256 units. kwargs (FasterRCNN's keyword arguments) override the settings.
     """
     backbone = backbones.tiny_fpn_backbone(out_channels=64)
-    return FasterRCNN(
-        backbone, num_classes,
-        rpn_anchor_generator=fpn_anchor_generator(TINY_FPN_ANCHOR_SIZES),
-        box_roi_pool=MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=2),
-        box_head=TwoMLPHead(backbone.out_channels * 7 * 7, 256),
-        **{**TINY_FPN_SETTINGS, **kwargs},
-    )
+    kwargs = {**TINY_FPN_SETTINGS, **kwargs}  # a part given in kwargs (e.g. box_roi_pool) replaces ours
+    kwargs.setdefault("rpn_anchor_generator", fpn_anchor_generator(TINY_FPN_ANCHOR_SIZES))
+    kwargs.setdefault("box_roi_pool", MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=2))
+    if "box_head" not in kwargs:  # sized for the pooler's output, whichever pooler it is
+        height, width = _pair(kwargs["box_roi_pool"].output_size)
+        kwargs["box_head"] = TwoMLPHead(backbone.out_channels * height * width, 256)
+    return FasterRCNN(backbone, num_classes, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------------

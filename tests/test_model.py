@@ -215,6 +215,24 @@ def test_tiny_fpn_trains_and_detects_in_original_coordinates():
         assert det["labels"].min() >= 1 and det["labels"].max() <= 3
 
 
+def test_builders_take_a_replacement_part():
+    """A part passed to a builder replaces its own (a keyword the builder also sets must not clash), and the box
+    head that follows is sized for the pooler that was given."""
+    from frcnn_tutorial.anchors import fpn_anchor_generator
+    from frcnn_tutorial.pooling import SingleScaleRoIPool
+
+    pool = SingleScaleRoIPool("2", output_size=5, spatial_scale=1 / 16)
+    model = M.faster_rcnn_tiny_fpn(num_classes=4, box_roi_pool=pool, rpn_anchor_generator=fpn_anchor_generator())
+    assert model.roi_heads.box_roi_pool is pool and model.roi_heads.box_head.fc6.in_features == 64 * 5 * 5
+    assert model.rpn.anchor_generator.sizes == ((32,), (64,), (128,), (256,), (512,))
+    images = images_of_sizes([(128, 160)])
+    assert all(torch.isfinite(v) for v in model.train()(images, targets_for(images)).values())
+    vgg = M.faster_rcnn_vgg16(num_classes=3, box_roi_pool=SingleScaleRoIPool("0", 7, 1 / 16), min_size=128)
+    assert vgg.roi_heads.box_head.fc6.in_features == 512 * 7 * 7
+    with pytest.raises(ValueError, match="7x7"):
+        M.faster_rcnn_vgg16(num_classes=3, box_roi_pool=pool)
+
+
 def test_num_classes_follows_a_swapped_predictor():
     from frcnn_tutorial.roi_heads import FastRCNNPredictor
 
