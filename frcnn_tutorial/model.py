@@ -345,6 +345,28 @@ def faster_rcnn_tiny_fpn(num_classes: int, **kwargs) -> FasterRCNN:
     return FasterRCNN(backbone, num_classes, **kwargs)
 
 
+def faster_rcnn_tiny(num_classes: int, pooler: str = "align", **kwargs) -> FasterRCNN:
+    """The tiny trunk without a pyramid: the 2015 single-scale design, in small, to compare with faster_rcnn_tiny_fpn.
+
+    backbones.tiny_backbone (3 stages, one map at stride 16, 64 channels); all five anchor sizes of the tiny FPN
+    model x 3 ratios on that one map (15 per location); pooler "align" (RoIAlign 7x7, sampling ratio 2, as the FPN
+    model) or "pool" (RoIPool 7x7, as the paper); the same 256-unit head and TINY_FPN_SETTINGS.
+    """
+    backbone = backbones.tiny_backbone()
+    poolers = {"align": lambda: MultiScaleRoIAlign(["0"], output_size=7, sampling_ratio=2),
+               "pool": lambda: SingleScaleRoIPool("0", output_size=7, spatial_scale=1 / 16)}
+    if pooler not in poolers:
+        raise ValueError(f"faster_rcnn_tiny: pooler must be 'align' or 'pool', not {pooler!r}")
+    kwargs = {**TINY_FPN_SETTINGS, **kwargs}
+    kwargs.setdefault("rpn_anchor_generator", AnchorGenerator(sizes=(TINY_FPN_ANCHOR_SIZES,),
+                                                              aspect_ratios=((0.5, 1.0, 2.0),)))
+    kwargs.setdefault("box_roi_pool", poolers[pooler]())
+    if "box_head" not in kwargs:
+        height, width = _pair(kwargs["box_roi_pool"].output_size)
+        kwargs["box_head"] = TwoMLPHead(backbone.out_channels * height * width, 256)
+    return FasterRCNN(backbone, num_classes, **kwargs)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Importing a torchvision FasterRCNN: same settings, same weights
 # ---------------------------------------------------------------------------------------------------------------

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import random
+from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -53,3 +55,20 @@ def show_source(obj) -> None:
         pass
     print(where)
     print(source)
+
+
+@contextmanager
+def file_lock(path):
+    """An exclusive lock on a file (created if needed): processes that start the same work together take turns."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock; doing the work twice at once there is the user's race
+        yield
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

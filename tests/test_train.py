@@ -1,6 +1,7 @@
 """The training engine on the CPU at small scale: every preset's code path, AMP, resume, DDP, failures."""
 
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -18,8 +19,8 @@ from frcnn_tutorial.train import PRESETS, load_model, make_config, parse_args, t
 
 ROOT = Path(__file__).resolve().parent.parent
 # Tiny images, two steps, evaluation on the 4 "val" images: each run takes a few seconds.
-FAST = dict(max_iters=2, batch_size=2, min_size=96, max_size=128, progress=False, log_every=1, workers=0,
-            test_split="val", extra={"rpn_pre_nms_top_n_test": 100, "rpn_post_nms_top_n_test": 50})
+FAST = dict(max_iters=2, batch_size=2, train_images=0, min_size=96, max_size=128, progress=False, log_every=1,
+            workers=0, test_split="val", extra={"rpn_pre_nms_top_n_test": 100, "rpn_post_nms_top_n_test": 50})
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +68,58 @@ def test_load_model_rebuilds_the_trained_model(embedded_run, data_root):
     assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
     test_set = embedded_dataset("test", root=data_root / "embedded")
     assert engine.evaluate(model, test_set, progress=False)["mAP"] == pytest.approx(embedded_run[0]["mAP"])
+
+
+def test_train_images_draws_a_larger_split_beside_the_default(tmp_path, data_root):
+    """train_images=N draws its own embedded set (folder embedded-N); its test split is the default one's."""
+    from frcnn_tutorial.train import build_datasets
+
+    cfg = make_config("embedded-cpu", **{**FAST, "data_root": str(tmp_path), "train_images": 16})
+    train_set, test_set, classes = build_datasets(cfg)
+    assert len(train_set) == 16 and (tmp_path / "embedded-16" / "VOCdevkit").is_dir()
+    default = make_embedded_dataset(tmp_path / "embedded", num_train=2, num_test=1)
+    from frcnn_tutorial.data import embedded_dataset
+
+    same = embedded_dataset(cfg.test_split, root=default)
+    assert len(same) == len(test_set) and torch.equal(same[5][1]["boxes"], test_set[5][1]["boxes"])
+    assert parse_args(["--lr-steps", "1.5,1.8"]).lr_steps == (1.5, 1.8)  # fractions of an epoch are allowed
+
+
+def test_train_or_reuse_trains_once_per_config(tmp_path, data_root, capsys):
+    """A finished run with the same config is reused untouched; a run that differs in what it trains is redone."""
+    from frcnn_tutorial.train import train_or_reuse
+
+    cfg = make_config("embedded-cpu", **{**FAST, "data_root": str(data_root), "out": str(tmp_path / "run")})
+    first = train_or_reuse(cfg)
+    written = (tmp_path / "run" / "last.pt").stat().st_mtime_ns
+    again = train_or_reuse(dataclasses.replace(cfg, log_every=5, progress=True))  # only how it reports differs
+    assert again == json.loads(json.dumps(first)) and "reusing" in capsys.readouterr().out
+    assert (tmp_path / "run" / "last.pt").stat().st_mtime_ns == written
+    longer = train_or_reuse(dataclasses.replace(cfg, max_iters=3))
+    assert longer["iterations"] == 3 and "another config (max_iters" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny_roipool"])
+def test_single_scale_tiny_models_train_through_the_engine(tmp_path, data_root, model):
+    """Chapters 04 and 05 train the tiny trunk without a pyramid, with RoIAlign or RoIPool, through train()."""
+    from frcnn_tutorial.pooling import MultiScaleRoIAlign, SingleScaleRoIPool
+
+    metrics, out = run(tmp_path, data_root, model=model)
+    detector, cfg, _ = load_model(out / "last.pt")
+    assert cfg.model == model and metrics["iterations"] == 2 and list(detector.backbone(torch.zeros(1, 3, 64, 64)))
+    pooler = detector.roi_heads.box_roi_pool
+    assert isinstance(pooler, SingleScaleRoIPool if model == "tiny_roipool" else MultiScaleRoIAlign)
+
+
+def test_course_runs_share_one_folder_per_model_and_profile():
+    from frcnn_tutorial.train import course_config
+
+    full, ci = course_config("tiny_fpn", "full"), course_config("tiny_fpn", "ci")
+    assert Path(full.out).name == "course_tiny_fpn_full" and Path(ci.out).name == "course_tiny_fpn_ci"
+    assert (full.model, full.train_images, full.min_size, full.epochs) == ("tiny_fpn", 0, 256, 4)
+    assert ci.max_iters == 30 and course_config("tiny_roipool", "ci").model == "tiny_roipool"
+    with pytest.raises(ValueError, match="course runs exist for"):
+        course_config("vgg16")
 
 
 @pytest.mark.parametrize("preset", ["voc07-vgg16", "voc0712-r50fpn", "voc0712-r50fpn-finetune"])
@@ -202,7 +255,8 @@ def test_two_process_ddp_with_gloo_keeps_ranks_identical(tmp_path, data_root):
         port = str(probe.getsockname()[1])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
            "-m", "frcnn_tutorial.train", "--preset", "embedded-cpu", "--data-root", str(data_root),
-           "--out", str(out), "--max-iters", "3", "--batch-size", "4", "--min-size", "96", "--max-size", "128",
+           "--train-images", "0", "--out", str(out), "--max-iters", "3", "--batch-size", "4", "--min-size", "96",
+           "--max-size", "128",
            "--progress", "false", "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

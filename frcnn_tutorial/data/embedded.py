@@ -27,11 +27,12 @@ import os
 import shutil
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from frcnn_tutorial.utils import file_lock
 
 EMBEDDED_CLASSES = ("ellipse", "rectangle", "triangle", "star", "ring", "cross")
 TEXTURES = {"ellipse": "gradient", "rectangle": "stripes", "triangle": "checker", "star": "solid",
@@ -243,22 +244,6 @@ def _settings(seed: int, counts: dict[str, int]) -> dict:
     return {"generator_version": GENERATOR_VERSION, "seed": seed, "counts": counts}
 
 
-@contextmanager
-def _lock(path: Path):
-    """An exclusive file lock, so DDP ranks or notebooks starting together generate the dataset once."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: no lock; generating twice at once there is the user's race
-        yield
-        return
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def make_embedded_dataset(root=None, seed: int = 0, num_train: int = 600, num_val: int = 100, num_test: int = 200,
                           overwrite: bool = False) -> Path:
     """Write the dataset under root/VOCdevkit/VOCembedded (once) and return root.
@@ -271,7 +256,7 @@ def make_embedded_dataset(root=None, seed: int = 0, num_train: int = 600, num_va
     counts = {"train": num_train, "val": num_val, "test": num_test}
     wanted, marker = _settings(seed, counts), voc_dir / "COMPLETE.json"  # the marker read_marker() reads
     root.mkdir(parents=True, exist_ok=True)
-    with _lock(root / ".embedded.lock"):
+    with file_lock(root / ".embedded.lock"):  # DDP ranks or notebooks starting together generate it once
         found = read_marker(root)
         if found is not None:
             if found == wanted and not overwrite:
