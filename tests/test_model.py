@@ -233,6 +233,23 @@ def test_builders_take_a_replacement_part():
         M.faster_rcnn_vgg16(num_classes=3, box_roi_pool=pool)
 
 
+def test_single_scale_tiny_model_is_the_fpn_model_without_the_pyramid():
+    """faster_rcnn_tiny: one stride-16 map, 15 anchors per location (5 sizes x 3 ratios), either pooler, same head."""
+    from frcnn_tutorial.pooling import MultiScaleRoIAlign, SingleScaleRoIPool
+
+    align, pool = M.faster_rcnn_tiny(num_classes=4), M.faster_rcnn_tiny(num_classes=4, pooler="pool")
+    assert isinstance(align.roi_heads.box_roi_pool, MultiScaleRoIAlign)
+    assert isinstance(pool.roi_heads.box_roi_pool, SingleScaleRoIPool)
+    assert align.rpn.anchor_generator.num_anchors_per_location() == [15]
+    images = images_of_sizes([(128, 160), (96, 112)])
+    features = align.backbone(torch.zeros(1, 3, 128, 160))
+    assert list(features) == ["0"] and tuple(features["0"].shape) == (1, 64, 8, 10)  # stride 16
+    for model in (align, pool):
+        assert all(torch.isfinite(v) for v in model.train()(images, targets_for(images)).values())
+    with pytest.raises(ValueError, match="pooler must be 'align' or 'pool'"):
+        M.faster_rcnn_tiny(num_classes=4, pooler="max")
+
+
 def test_num_classes_follows_a_swapped_predictor():
     from frcnn_tutorial.roi_heads import FastRCNNPredictor
 
