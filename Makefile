@@ -27,14 +27,15 @@ lab: $(STAMP)
 run: $(STAMP)
 	FRCNN_PROFILE=$(PROFILE) $(BIN)/python -m frcnn_tutorial.series run --out build
 
-test: $(STAMP)
-	FRCNN_PROFILE=ci $(BIN)/python -m pytest --nbval-lax --nbval-current-env --nbval-cell-timeout=900 \
-		-p no:cacheprovider tests notebooks $(PYTEST_ARGS)
-
 # Teachers: nbgrader lives in its own venv (.venv-classroom) so that .venv's JupyterLab never gets its extensions;
 # that venv reuses .venv's packages (torch, the course) through a .pth file and adds only the [classroom] extra.
 CLASSROOM := .venv-classroom
 CLASSROOM_STAMP := $(CLASSROOM)/.installed
+
+# everything, the real nbgrader tests included: they need .venv-classroom
+test: $(STAMP) $(CLASSROOM_STAMP)
+	FRCNN_PROFILE=ci $(BIN)/python -m pytest --nbval-lax --nbval-current-env --nbval-cell-timeout=900 \
+		-p no:cacheprovider tests notebooks $(PYTEST_ARGS)
 
 classroom: $(CLASSROOM_STAMP)
 
