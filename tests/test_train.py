@@ -15,7 +15,7 @@ import torch
 
 from frcnn_tutorial import engine
 from frcnn_tutorial.data import make_embedded_dataset
-from frcnn_tutorial.train import PRESETS, load_model, make_config, parse_args, train
+from frcnn_tutorial.train import PRESETS, load_model, make_config, parse_args, processes_to_launch, train
 
 ROOT = Path(__file__).resolve().parent.parent
 # Tiny images, two steps, evaluation on the 4 "val" images: each run takes a few seconds.
@@ -265,6 +265,31 @@ def test_two_process_ddp_with_gloo_keeps_ranks_identical(tmp_path, data_root):
     assert metrics["world_size"] == 2 and metrics["iterations"] == 3
     first, second = metrics["weights_checksums"]
     assert first == second, "the two processes ended with different weights"
+
+
+def test_processes_to_launch_one_per_core_dividing_the_batch(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    auto = make_config("embedded-cpu", cpu_processes=0, batch_size=4)
+    assert [processes_to_launch(auto, cores) for cores in (1, 2, 3, 4, 16)] == [1, 2, 2, 4, 4]
+    assert processes_to_launch(dataclasses.replace(auto, batch_size=6), 4) == 3  # 4 does not divide 6
+    assert processes_to_launch(dataclasses.replace(auto, cpu_processes=1), 16) == 1
+    assert processes_to_launch(dataclasses.replace(auto, device="cuda"), 16) == 1  # GPUs: torchrun, by hand
+    monkeypatch.setenv("RANK", "0")  # already one of torchrun's processes: never launch again
+    assert processes_to_launch(auto, 16) == 1
+
+
+def test_command_line_launches_two_one_thread_processes(tmp_path, data_root):
+    out = tmp_path / "auto"
+    cmd = [sys.executable, "-m", "frcnn_tutorial.train", "--preset", "embedded-cpu", "--cpu-processes", "2",
+           "--data-root", str(data_root), "--train-images", "0", "--out", str(out), "--max-iters", "2",
+           "--min-size", "96", "--max-size", "128", "--progress", "false", "--test-split", "val"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "launching 2 one-thread processes" in result.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["iterations"] == 2
+    assert len(set(metrics["weights_checksums"])) == 1
 
 
 def test_predict_draws_detections(tmp_path, data_root, embedded_run):
