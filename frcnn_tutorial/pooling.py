@@ -357,10 +357,13 @@ def roi_align_fast(features: Tensor, rois: Tensor, output_size, spatial_scale: f
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def rois_for(feature: Tensor, rois: Tensor) -> Tensor:
-    """The kernels want rois in the features' dtype, except under autocast, where they cast both to fp32 themselves:
-    there the boxes must stay fp32 (in bf16 a coordinate near 300 px would be rounded to a multiple of 2)."""
-    return rois if torch.is_autocast_enabled(feature.device.type) else rois.to(feature.dtype)
+def pool_with(kernel, feature: Tensor, rois: Tensor, *args) -> Tensor:
+    """kernel(feature, rois, *args) with the dtypes the kernels want: the boxes in the features' dtype; under
+    autocast both in fp32 and the output back in the features' dtype (as torchvision's own autocast wrappers do,
+    which its CPU roi_pool lacks; and boxes in bf16 would be rounded: a coordinate near 300 px to a multiple of 2)."""
+    if torch.is_autocast_enabled(feature.device.type):
+        return kernel(feature.float(), rois.float(), *args).to(feature.dtype)
+    return kernel(feature, rois.to(feature.dtype), *args)
 
 
 class LevelMapper:
@@ -430,7 +433,7 @@ class MultiScaleRoIAlign(nn.Module):
         return out
 
     def _align(self, feature: Tensor, rois: Tensor, scale: float) -> Tensor:
-        return roi_align_fast(feature, rois_for(feature, rois), self.output_size, scale, self.sampling_ratio)
+        return pool_with(roi_align_fast, feature, rois, self.output_size, scale, self.sampling_ratio)
 
     def extra_repr(self) -> str:
         return (f"featmap_names={self.featmap_names}, output_size={self.output_size}, "
@@ -451,11 +454,8 @@ class SingleScaleRoIPool(nn.Module):
 
     def forward(self, features: dict[str, Tensor], proposals: list[Tensor], image_sizes=None) -> Tensor:
         feature = features[self.featmap_name]
-        rois = as_roi_tensor(proposals)
-        if torch.is_autocast_enabled(feature.device.type):  # pool in fp32 (the CPU kernel has no bf16), boxes too
-            pooled = torchvision.ops.roi_pool(feature.float(), rois.float(), self.output_size, self.spatial_scale)
-            return pooled.to(feature.dtype)
-        return torchvision.ops.roi_pool(feature, rois.to(feature.dtype), self.output_size, self.spatial_scale)
+        return pool_with(torchvision.ops.roi_pool, feature, as_roi_tensor(proposals), self.output_size,
+                         self.spatial_scale)
 
     def extra_repr(self) -> str:
         return f"featmap_name={self.featmap_name!r}, output_size={self.output_size}, spatial_scale={self.spatial_scale}"

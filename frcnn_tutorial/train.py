@@ -19,7 +19,6 @@ import csv
 import dataclasses
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -31,7 +30,7 @@ from tqdm.auto import tqdm
 
 from frcnn_tutorial import data_dir, engine
 from frcnn_tutorial.engine import evaluate  # noqa: F401  (re-exported: `from frcnn_tutorial.train import evaluate`)
-from frcnn_tutorial.utils import cpu_cores, cpu_has_fast_bf16, file_lock, get_device, seed_everything
+from frcnn_tutorial.utils import cpu_cores, cpu_has_fast_bf16, file_lock, free_local_port, get_device, seed_everything
 from frcnn_tutorial.utils import profile as current_profile
 
 
@@ -573,17 +572,17 @@ def processes_to_launch(cfg: TrainConfig, cores: int | None = None) -> int:
     return max(n for n in range(1, wanted + 1) if cfg.batch_size % n == 0)
 
 
+LAUNCHED_BY_MAIN = "FRCNN_LAUNCHED"  # the environment variable launch() sets in the processes it starts
+
+
 def launch(processes: int, argv: list[str]) -> int:
     """Run this same command under torchrun on this machine, one thread per process; its exit code."""
     # a free local port and torchrun's static rendezvous: the same set-up as a hand-typed torchrun on one machine
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={processes}",
-               "--master-addr=127.0.0.1", f"--master-port={port}", "-m", "frcnn_tutorial.train", *argv]
+               "--master-addr=127.0.0.1", f"--master-port={free_local_port()}", "-m", "frcnn_tutorial.train", *argv]
     print(f"launching {processes} one-thread processes (--cpu-processes 1 runs in this one): {' '.join(command)}",
           flush=True)
-    return subprocess.call(command, env={**os.environ, "OMP_NUM_THREADS": "1", "FRCNN_LAUNCHED": "1"})
+    return subprocess.call(command, env={**os.environ, "OMP_NUM_THREADS": "1", LAUNCHED_BY_MAIN: "1"})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -612,8 +611,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def launched_by_main() -> bool:
-    """True in a process that launch() started (it sets FRCNN_LAUNCHED=1)."""
-    return os.environ.get("FRCNN_LAUNCHED") == "1"
+    """True in a process that launch() started (it sets $FRCNN_LAUNCHED to 1)."""
+    return os.environ.get(LAUNCHED_BY_MAIN) == "1"
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -36,6 +37,13 @@ def cpu_has_fast_bf16() -> bool:
 def cpu_cores() -> int:
     """The cores this process may run on (a container's limit, not the host's count)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def free_local_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for torchrun, a test's Jupyter server)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def profile() -> str:

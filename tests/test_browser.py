@@ -14,7 +14,6 @@ import json
 import os
 import re
 import secrets
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,8 @@ from pathlib import Path
 
 import nbformat
 import pytest
+
+from frcnn_tutorial.utils import free_local_port
 
 pytestmark = pytest.mark.browser
 
@@ -70,12 +71,6 @@ OTHER_EXPLORERS = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def quiet_settings(settings_dir: Path) -> None:
     """Turn off JupyterLab's news and update notifications (server flags alone do not); render all cells."""
     path = settings_dir / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
@@ -92,7 +87,7 @@ class Lab:
     """A JupyterLab server in a subprocess, stopped by its PID."""
 
     def __init__(self, root_dir: Path, work: Path):
-        self.port, self.token = free_port(), secrets.token_hex(16)
+        self.port, self.token = free_local_port(), secrets.token_hex(16)
         self.url = f"http://127.0.0.1:{self.port}"
         for sub in ("settings", "workspaces", "runtime", "config"):
             (work / sub).mkdir()

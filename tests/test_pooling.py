@@ -13,6 +13,7 @@ from frcnn_tutorial.pooling import (
     as_roi_tensor,
     bilinear_interpolate,
     infer_scale,
+    pool_with,
     roi_align,
     roi_align_cells,
     roi_align_fast,
@@ -20,7 +21,6 @@ from frcnn_tutorial.pooling import (
     roi_align_transpose_matrix,
     roi_pool,
     roi_pool_bins,
-    rois_for,
 )
 
 # ----------------------------------------------------------------------------------------------------- inputs
@@ -133,11 +133,20 @@ def test_roi_align_cells_golden_one_sample_one_bin():
 def test_boxes_stay_fp32_under_bf16_autocast():
     features = torch.randn(1, 2, 8, 8)
     box = torch.tensor([[0, 301.0, 3.0, 313.0, 9.0]])
-    assert rois_for(features.bfloat16(), box).dtype == torch.bfloat16  # outside autocast: the features' dtype
-    assert rois_for(features.double(), box).dtype == torch.float64
+    seen = []  # a stand-in kernel records the (box, feature) dtypes that reach it
+
+    def kernel(feature, rois):
+        seen.append((rois.dtype, feature.dtype))
+        return feature
+
+    pool_with(kernel, features.bfloat16(), box)
+    pool_with(kernel, features.double(), box)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert rois_for(features.bfloat16(), box).dtype == torch.float32  # 301 would round to 300 in bf16
+        assert pool_with(kernel, features.bfloat16(), box).dtype == torch.bfloat16  # the output: features' dtype
         pooled = MultiScaleRoIAlign(["0"], 2, 2)({"0": features.bfloat16()}, [box[:, 1:] / 40], [(64, 64)])
+    assert seen == [(torch.bfloat16, torch.bfloat16),  # outside autocast: the features' dtype
+                    (torch.float64, torch.float64),
+                    (torch.float32, torch.float32)]  # under it fp32 (301 would round to 300 in bf16)
     expected = torchvision.ops.roi_align(features.bfloat16().float(), box / torch.tensor([1, 40, 40, 40, 40]), 2,
                                          1 / 8, 2)
     torch.testing.assert_close(pooled.float(), expected, rtol=1e-2, atol=1e-2)

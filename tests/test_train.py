@@ -5,7 +5,6 @@ import dataclasses
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ import torch
 from frcnn_tutorial import engine
 from frcnn_tutorial.data import make_embedded_dataset
 from frcnn_tutorial.train import PRESETS, load_model, make_config, parse_args, processes_to_launch, train
+from frcnn_tutorial.utils import free_local_port
 
 ROOT = Path(__file__).resolve().parent.parent
 # Tiny images, two steps, evaluation on the 4 "val" images: each run takes a few seconds.
@@ -250,9 +250,7 @@ def test_command_line_overrides_every_field():
 
 def test_two_process_ddp_with_gloo_keeps_ranks_identical(tmp_path, data_root):
     out = tmp_path / "ddp"
-    with socket.socket() as probe:  # a free port: two test runs at once must not collide
-        probe.bind(("127.0.0.1", 0))
-        port = str(probe.getsockname()[1])
+    port = str(free_local_port())  # two test runs at once must not collide
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
            "-m", "frcnn_tutorial.train", "--preset", "embedded-cpu", "--data-root", str(data_root),
            "--train-images", "0", "--out", str(out), "--max-iters", "3", "--batch-size", "4", "--min-size", "96",
