@@ -111,12 +111,41 @@ def test_single_scale_tiny_models_train_through_the_engine(tmp_path, data_root, 
     assert isinstance(pooler, SingleScaleRoIPool if model == "tiny_roipool" else MultiScaleRoIAlign)
 
 
+def test_multi_scale_preset_trains_resumes_and_reloads(tmp_path, data_root):
+    """min_size as several sizes (the embedded-cpu preset's multi-scale training): from the command line, through a
+    checkpoint (JSON makes the tuple a list) and --resume, back to a model that evaluates at the last size."""
+    preset = PRESETS["embedded-cpu"]
+    assert isinstance(preset["min_size"], tuple) and len(preset["min_size"]) > 1
+    assert parse_args(["--min-size", "96,112,128"]).min_size == (96, 112, 128)
+    assert parse_args(["--min-size", "600"]).min_size == (600,)
+    metrics, out = run(tmp_path, data_root, min_size=(96, 128), extra=preset["extra"])
+    model, cfg, _ = load_model(out / "last.pt")
+    assert cfg.min_size == (96, 128) and model.transform.min_size == (96, 128)
+    assert model.backbone.out_channels == preset["extra"]["fpn_channels"]
+    assert model.transform.choose_min_size() == 128  # eval: the last size
+    resumed, _ = run(tmp_path, data_root, min_size=(96, 128), extra=preset["extra"], max_iters=3, resume=True)
+    assert resumed["iterations"] == 3
+
+
+def test_model_options_that_do_not_fit_are_refused_clearly(tmp_path, data_root):
+    with pytest.raises(SystemExit, match="model tiny has no FPN: drop fpn_channels"):
+        run(tmp_path, data_root, model="tiny", extra={"fpn_channels": 32})
+    with pytest.raises(SystemExit, match="--sync-bn needs CUDA"):
+        run(tmp_path, data_root, sync_bn=True, device="cpu")
+
+
 def test_course_runs_share_one_folder_per_model_and_profile():
-    from frcnn_tutorial.train import course_config
+    from frcnn_tutorial.train import build_model, course_config
 
     full, ci = course_config("tiny_fpn", "full"), course_config("tiny_fpn", "ci")
     assert Path(full.out).name == "course_tiny_fpn_full" and Path(ci.out).name == "course_tiny_fpn_ci"
     assert (full.model, full.train_images, full.min_size, full.epochs) == ("tiny_fpn", 0, 256, 4)
+    # the chapters compare the builders' own models: not the preset's 32-channel, multi-scale variant
+    for profile in ("full", "ci"):
+        for model in ("tiny_fpn", "tiny", "tiny_roipool"):
+            cfg = course_config(model, profile)
+            assert cfg.extra == {} and isinstance(cfg.min_size, int)
+            assert build_model(cfg, num_classes=7).backbone.out_channels == 64
     assert ci.max_iters == 30 and course_config("tiny_roipool", "ci").model == "tiny_roipool"
     with pytest.raises(ValueError, match="course runs exist for"):
         course_config("vgg16")
