@@ -507,7 +507,7 @@ def train_or_reuse(cfg: TrainConfig) -> dict:
 
 # The runs the chapters share, one budget per profile (FRCNN_PROFILE): chapter 04's FPN detector is the one 07
 # shows and 08 evaluates, and 04's single-scale one is 05's RoIAlign detector, each trained once.
-#   full: the preset's sizes on the 600 default images, 4 epochs (600 steps, lr / 10 after 3), ~4 min per run;
+#   full: shorter side 256 (max 384) on the 600 default images, 4 epochs (600 steps, lr / 10 after 3), ~4 min a run;
 #   ci:   30 steps on small images, a check that it all runs and the loss falls (its mAP is near 0).
 # Both in fp32 (amp=False): the preset turns bf16 on only where the CPU has it natively, and a class's notebooks
 # should give the same numbers on every laptop, the teacher's included. Both use the builders' own models (extra={},
