@@ -468,11 +468,10 @@ def _write_json(path: Path, obj: dict) -> None:
 def load_model(checkpoint: str | Path, device="cpu") -> tuple[torch.nn.Module, TrainConfig, list[str]]:
     """Rebuild the trained model from DIR/last.pt: (model in eval mode, its config, class names)."""
     ckpt = engine.load_checkpoint(Path(checkpoint))
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    values = {k: v for k, v in ckpt["config"].items() if k in known}
-    values["lr_steps"] = tuple(values.get("lr_steps", ()))
-    if isinstance(values.get("min_size"), list):  # JSON turned the tuple into a list
-        values["min_size"] = tuple(values["min_size"])
+    fields = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    # JSON stored every tuple (lr_steps, a multi-scale min_size) as a list: make the tuple fields tuples again
+    values = {k: tuple(v) if isinstance(v, list) and "tuple" in fields[k] else v
+              for k, v in ckpt["config"].items() if k in fields}
     cfg = TrainConfig(**values)
     classes = _class_names(cfg)
     cfg_no_download = dataclasses.replace(cfg, weights="none")  # the checkpoint carries every weight
