@@ -52,14 +52,17 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
-def reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
-    """Average a dict of scalars over all processes (for logging: every rank logs the same numbers)."""
+def mean_over_processes(values: dict[str, float], finite: bool, device) -> tuple[dict[str, float], bool]:
+    """(values averaged over all processes, whether every process had finite ones), in ONE all-reduce: each
+    collective is a point where the faster process waits, so a training step has just this one besides DDP's."""
     if world_size() == 1:
-        return values
+        return values, finite
     keys = sorted(values)
-    stacked = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    stacked = torch.tensor([float(finite)] + [values[k] if finite else 0.0 for k in keys], dtype=torch.float64,
+                           device=device)
     dist.all_reduce(stacked)
-    return {k: v / world_size() for k, v in zip(keys, stacked.tolist(), strict=True)}
+    total, *sums = stacked.tolist()
+    return {k: v / world_size() for k, v in zip(keys, sums, strict=True)}, total == world_size()
 
 
 def gather_lists(items: list) -> list:
@@ -161,7 +164,8 @@ def autocast_context(device: torch.device, amp: bool):
 
 def train_step(model, images, targets, optimizer, *, scaler=None, amp=False, device=None, step=0,
                last_finite=None) -> dict[str, float]:
-    """One forward/backward/update on a batch. Returns the losses as floats (and their sum as "loss").
+    """One forward/backward/update on a batch. Returns the losses as floats (and their sum as "loss"), averaged
+    over the processes when there are several.
 
     Raises TrainingDiverged before the update if any loss is not finite, so the weights stay good.
     """
@@ -169,19 +173,17 @@ def train_step(model, images, targets, optimizer, *, scaler=None, amp=False, dev
     with autocast_context(device, amp):
         loss_dict = model(images, targets)
     total = sum(loss_dict.values())
-    values = {k: float(v.detach()) for k, v in loss_dict.items()}
-    values["loss"] = float(total.detach())
-    finite = all(math.isfinite(v) for v in values.values())
-    if world_size() > 1:  # every process stops together (one alone would leave the others waiting in backward)
-        flag = torch.tensor([float(finite)], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        if finite and flag.item() == 0:
-            raise TrainingDiverged(f"loss is not finite on another process at step {step}; "
-                                   f"last finite losses here: {_fmt(last_finite or {})}")
+    local = {k: float(v.detach()) for k, v in loss_dict.items()}
+    local["loss"] = float(total.detach())
+    finite = all(math.isfinite(v) for v in local.values())
+    values, all_finite = mean_over_processes(local, finite, device)
     if not finite:
         raise TrainingDiverged(
-            f"loss is not finite at step {step}: {_fmt(values)}; last finite losses: {_fmt(last_finite or {})}"
+            f"loss is not finite at step {step}: {_fmt(local)}; last finite losses: {_fmt(last_finite or {})}"
         )
+    if not all_finite:  # every process stops together (one alone would leave the others waiting in backward)
+        raise TrainingDiverged(f"loss is not finite on another process at step {step}; "
+                               f"last finite losses: {_fmt(last_finite or {})}")
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(total).backward()
@@ -336,9 +338,9 @@ def weights_checksum(model: torch.nn.Module) -> float:
 def broadcast_buffers(model: torch.nn.Module) -> None:
     """Copy rank 0's buffers (BatchNorm running statistics) to every process.
 
-    DistributedDataParallel averages gradients, so the weights stay equal, and it broadcasts the buffers at the
-    START of each forward; the statistics updated by the last forward still differ from rank to rank. Call this
-    after training so every process evaluates and saves the same model."""
+    DistributedDataParallel averages gradients, so the weights stay equal; train() leaves its per-forward buffer
+    broadcast off (rank 0's statistics only ever see rank 0's batches either way: the broadcast just overwrites the
+    others), so each process keeps its own statistics until this call, before every evaluation."""
     if world_size() == 1:
         return
     for buffer in model.buffers():

@@ -69,6 +69,9 @@ class ImageTransform(nn.Module):
 
     min_size may be a tuple: in training each image then gets a random one (multi-scale training); in eval the last.
     size_divisible pads the batch so that every stride of the backbone (up to 32) divides it exactly.
+    size_generator (None: torchvision's rule, one size per image from torch's RNG) may be a torch.Generator: then a
+    training batch gets one size, drawn from it. The training loop seeds it per step, so every image of a step and
+    every process get the same size: no image is padded up to a bigger neighbour, no process waits for another.
     """
 
     def __init__(self, min_size: int | tuple[int, ...] = 800, max_size: int = 1333, image_mean=None, image_std=None,
@@ -79,6 +82,7 @@ class ImageTransform(nn.Module):
         self.image_mean = list(image_mean if image_mean is not None else IMAGENET_MEAN)
         self.image_std = list(image_std if image_std is not None else IMAGENET_STD)
         self.size_divisible = size_divisible
+        self.size_generator: torch.Generator | None = None
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(\n    Normalize(mean={self.image_mean}, std={self.image_std})\n"
@@ -88,10 +92,11 @@ class ImageTransform(nn.Module):
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
         if targets is not None:
             targets = [dict(t) for t in targets]  # never modify the caller's dicts
+        shared_size = self.choose_min_size() if self.size_generator is not None else None  # None: one per image
         resized = []
         for i, image in enumerate(images):
             # Normalise first, then resize (torchvision's order; the two nearly commute, but not to the last bit).
-            image = self.resize(self.normalize(image))
+            image = self.resize(self.normalize(image), shared_size)
             if targets is not None:
                 targets[i]["boxes"] = resize_boxes(targets[i]["boxes"], image_hw(images[i]), image_hw(image))
             resized.append(image)
@@ -105,15 +110,17 @@ class ImageTransform(nn.Module):
 
     def choose_min_size(self) -> int:
         """Training: a random entry of min_size, drawn from torch's RNG (seeded by seed_everything) even when there
-        is only one, exactly as torchvision does, so seeded runs match it draw for draw. Eval: the last entry."""
+        is only one, exactly as torchvision does, so seeded runs match it draw for draw (from size_generator when
+        set). Eval: the last entry."""
         if not self.training:
             return self.min_size[-1]
-        index = int(torch.empty(1).uniform_(0.0, float(len(self.min_size))).item())
+        index = int(torch.empty(1).uniform_(0.0, float(len(self.min_size)), generator=self.size_generator).item())
         return self.min_size[index]
 
-    def resize(self, image: Tensor) -> Tensor:
+    def resize(self, image: Tensor, min_size: int | None = None) -> Tensor:
+        """One image, its shorter side to min_size (None: chosen by choose_min_size)."""
         h, w = image_hw(image)
-        new_size = resized_size(h, w, self.choose_min_size(), self.max_size)
+        new_size = resized_size(h, w, min_size or self.choose_min_size(), self.max_size)
         return F.interpolate(image[None], size=new_size, mode="bilinear", align_corners=False)[0]
 
     def batch_images(self, images: list[Tensor]) -> Tensor:

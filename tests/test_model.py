@@ -86,6 +86,24 @@ def test_eval_uses_the_last_min_size_and_no_randomness():
     _, sizes, _ = t(images_of_sizes([(100, 100)]))
     assert sizes == [(400, 400)] and torch.equal(state, torch.get_rng_state())
 
+def test_a_size_generator_gives_one_size_per_training_batch():
+    """Multi-scale training as the train loop runs it: one size per batch, drawn from the generator alone."""
+    t = M.ImageTransform((200, 300, 400), 1000).train()
+    t.size_generator = torch.Generator()
+    images = images_of_sizes([(100, 150), (120, 90), (80, 80)])
+    seen = set()
+    for seed in range(20):
+        t.size_generator.manual_seed(seed)
+        state = torch.get_rng_state()
+        _, sizes, _ = t(images)
+        assert torch.equal(state, torch.get_rng_state())  # torch's own RNG is left to the samplers
+        shorter_sides = {min(hw) for hw in sizes}
+        assert len(shorter_sides) == 1, sizes
+        seen |= shorter_sides
+        t.size_generator.manual_seed(seed)
+        assert t(images)[1] == sizes  # the same seed draws the same size
+    assert seen == {200, 300, 400}
+
 # ---- input validation -------------------------------------------------------------------------------------------
 
 GOOD = {"boxes": torch.tensor([[1.0, 2.0, 30.0, 40.0]]), "labels": torch.tensor([1])}

@@ -3,6 +3,7 @@
 import csv
 import dataclasses
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -14,7 +15,16 @@ import torch
 
 from frcnn_tutorial import engine
 from frcnn_tutorial.data import make_embedded_dataset
-from frcnn_tutorial.train import PRESETS, load_model, make_config, parse_args, processes_to_launch, train
+from frcnn_tutorial.train import (
+    PRESETS,
+    build_scheduler,
+    load_model,
+    lr_factor,
+    make_config,
+    parse_args,
+    processes_to_launch,
+    train,
+)
 from frcnn_tutorial.utils import free_local_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,8 +72,7 @@ def test_load_model_rebuilds_the_trained_model(embedded_run, data_root):
 
     _, out = embedded_run
     model, cfg, classes = load_model(out / "last.pt")
-    assert not model.training and cfg.preset == "embedded-cpu" and cfg.lr_steps == tuple(PRESETS["embedded-cpu"]
-                                                                                          ["lr_steps"])
+    assert not model.training and cfg.preset == "embedded-cpu" and cfg.lr_steps == make_config().lr_steps  # a tuple again
     saved = torch.load(out / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
     test_set = embedded_dataset("test", root=data_root / "embedded")
@@ -145,6 +154,7 @@ def test_course_runs_share_one_folder_per_model_and_profile():
         for model in ("tiny_fpn", "tiny", "tiny_roipool"):
             cfg = course_config(model, profile)
             assert cfg.extra == {} and isinstance(cfg.min_size, int)
+            assert (cfg.lr, cfg.lr_schedule) == (2e-3, "step")  # what the chapters' numbers were measured with
             assert build_model(cfg, num_classes=7).backbone.out_channels == 64
     assert ci.max_iters == 30 and course_config("tiny_roipool", "ci").model == "tiny_roipool"
     with pytest.raises(ValueError, match="course runs exist for"):
@@ -170,8 +180,10 @@ def test_amp_on_cpu_uses_bfloat16_and_trains(tmp_path, data_root):
 
 def test_resume_equals_an_uninterrupted_run(tmp_path, data_root):
     """4 steps straight vs 2 steps, stop, resume to 4: same weights, optimiser state and step (batch 4 of 12
-    images: 3 steps per epoch, so the resumed run finishes epoch 1 mid-way and starts epoch 2)."""
-    common = dict(max_iters=4, batch_size=4, checkpoint_every=1, hflip=0.5, seed=3)
+    images: 3 steps per epoch, so the resumed run finishes epoch 1 mid-way and starts epoch 2). Multi-scale and a
+    cosine schedule: the sizes and the lr of a step depend on the step alone."""
+    common = dict(max_iters=4, batch_size=4, checkpoint_every=1, hflip=0.5, seed=3, min_size=(80, 96, 112),
+                  lr_schedule="cosine", epochs=2)
     run(tmp_path / "straight", data_root, **common)
     run(tmp_path / "split", data_root, **{**common, "max_iters": 2})
     run(tmp_path / "split", data_root, **common, resume=True)
@@ -188,11 +200,22 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, data_root):
     assert logged == [1, 2, 3, 4]  # no step logged twice
 
 
+def test_cosine_schedule_warms_up_then_falls_to_zero_at_the_last_epoch():
+    cfg = make_config("embedded-cpu", lr_schedule="cosine", epochs=2, warmup_iters=0)
+    assert [round(lr_factor(s, cfg, 10), 6) for s in (0, 10, 20, 30)] == [1.0, 0.5, 0.0, 0.0]
+    assert lr_factor(5, dataclasses.replace(cfg, max_iters=10), 10) == lr_factor(5, cfg, 10)  # stops, not squeezed
+    warm = dataclasses.replace(cfg, warmup_iters=4, warmup_factor=0.0)
+    assert lr_factor(2, warm, 10) == pytest.approx(0.5 * 0.5 * (1 + math.cos(math.pi * 0.1)))
+    params = [torch.zeros(1, requires_grad=True)]
+    with pytest.raises(ValueError, match="unknown lr_schedule 'linear': use step or cosine"):
+        build_scheduler(dataclasses.replace(cfg, lr_schedule="linear"), torch.optim.SGD(params, lr=1.0), 10)
+
+
 def test_resume_refuses_a_different_config_and_names_the_fields(tmp_path, data_root, embedded_run):
     _, done = embedded_run
     (tmp_path / "run").mkdir()
     shutil.copy(done / "last.pt", tmp_path / "run" / "last.pt")
-    with pytest.raises(SystemExit, match=r"lr: checkpoint has 0.002, this run has 0.5"):
+    with pytest.raises(SystemExit, match=r"lr: checkpoint has 0.004, this run has 0.5"):
         run(tmp_path, data_root, max_iters=4, lr=0.5, resume=True, test_split="test")
     metrics, _ = run(tmp_path, data_root, max_iters=4, epochs=20, resume=True, test_split="test")  # longer: allowed
     assert metrics["iterations"] == 4
@@ -282,7 +305,7 @@ def test_two_process_ddp_with_gloo_keeps_ranks_identical(tmp_path, data_root):
     port = str(free_local_port())  # two test runs at once must not collide
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
            "-m", "frcnn_tutorial.train", "--preset", "embedded-cpu", "--data-root", str(data_root),
-           "--train-images", "0", "--out", str(out), "--max-iters", "3", "--batch-size", "4", "--min-size", "96",
+           "--train-images", "0", "--out", str(out), "--max-iters", "3", "--batch-size", "4", "--min-size", "80,96,112",
            "--max-size", "128",
            "--progress", "false", "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -292,6 +315,28 @@ def test_two_process_ddp_with_gloo_keeps_ranks_identical(tmp_path, data_root):
     assert metrics["world_size"] == 2 and metrics["iterations"] == 3
     first, second = metrics["weights_checksums"]
     assert first == second, "the two processes ended with different weights"
+
+
+def _mean_over_two_processes(rank, port, results):
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        values = {"loss": 1.0 + 2 * rank, "loss_rpn": 0.5}
+        results[rank] = [engine.mean_over_processes(values, True, torch.device("cpu")),
+                         engine.mean_over_processes(values, rank == 0, torch.device("cpu"))]
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_losses_are_averaged_and_a_divergence_seen_by_every_process():
+    """The one all-reduce of a training step: the mean losses for the log, and a non-finite loss on any process
+    (rank 1 here) reported to all, so that they stop together."""
+    results = torch.multiprocessing.Manager().dict()
+    torch.multiprocessing.spawn(_mean_over_two_processes, args=(free_local_port(), results), nprocs=2)
+    for rank in (0, 1):
+        (mean, all_finite), (_, with_a_nan_on_rank_1) = results[rank]
+        assert mean == {"loss": 2.0, "loss_rpn": 0.5} and all_finite
+        assert not with_a_nan_on_rank_1
+    assert engine.mean_over_processes({"loss": 3.0}, True, torch.device("cpu")) == ({"loss": 3.0}, True)  # alone
 
 
 def test_processes_to_launch_one_per_core_dividing_the_batch(monkeypatch):
