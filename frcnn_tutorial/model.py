@@ -67,7 +67,8 @@ def _float_ratio(new: int, old: int, device) -> Tensor:
 class ImageTransform(nn.Module):
     """Images list[[3, H, W]] -> (batch [N, 3, Hb, Wb], image_sizes [(H', W')], targets with resized boxes).
 
-    min_size may be a tuple: in training each image then gets a random one (multi-scale training); in eval the last.
+    min_size may be a tuple: in training each image then gets a random one (multi-scale training); in eval the last,
+    or test_min_size (and test_max_size) when given: a model trained on small inputs often does better tested larger.
     size_divisible pads the batch so that every stride of the backbone (up to 32) divides it exactly.
     size_generator (None: torchvision's rule, one size per image from torch's RNG) may be a torch.Generator: then a
     training batch gets one size, drawn from it. The training loop seeds it per step, so every image of a step and
@@ -75,10 +76,11 @@ class ImageTransform(nn.Module):
     """
 
     def __init__(self, min_size: int | tuple[int, ...] = 800, max_size: int = 1333, image_mean=None, image_std=None,
-                 size_divisible: int = 32):
+                 size_divisible: int = 32, test_min_size: int | None = None, test_max_size: int | None = None):
         super().__init__()
         self.min_size = tuple(min_size) if isinstance(min_size, (list, tuple)) else (min_size,)
         self.max_size = max_size
+        self.test_min_size, self.test_max_size = test_min_size, test_max_size
         self.image_mean = list(image_mean if image_mean is not None else IMAGENET_MEAN)
         self.image_std = list(image_std if image_std is not None else IMAGENET_STD)
         self.size_divisible = size_divisible
@@ -87,6 +89,9 @@ class ImageTransform(nn.Module):
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(\n    Normalize(mean={self.image_mean}, std={self.image_std})\n"
                 f"    Resize(min_size={self.min_size}, max_size={self.max_size}, mode='bilinear', keep aspect ratio)\n"
+                + (f"    Resize in eval: min_size={self.test_min_size or self.min_size[-1]}, "
+                   f"max_size={self.test_max_size or self.max_size}\n"
+                   if self.test_min_size or self.test_max_size else "") +
                 f"    Pad(batch to a multiple of size_divisible={self.size_divisible}, value 0 after normalising)\n)")
 
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
@@ -111,16 +116,17 @@ class ImageTransform(nn.Module):
     def choose_min_size(self) -> int:
         """Training: a random entry of min_size, drawn from torch's RNG (seeded by seed_everything) even when there
         is only one, exactly as torchvision does, so seeded runs match it draw for draw (from size_generator when
-        set). Eval: the last entry."""
+        set). Eval: test_min_size, or else the last entry."""
         if not self.training:
-            return self.min_size[-1]
+            return self.test_min_size or self.min_size[-1]
         index = int(torch.empty(1).uniform_(0.0, float(len(self.min_size)), generator=self.size_generator).item())
         return self.min_size[index]
 
     def resize(self, image: Tensor, min_size: int | None = None) -> Tensor:
         """One image, its shorter side to min_size (None: chosen by choose_min_size)."""
         h, w = image_hw(image)
-        new_size = resized_size(h, w, min_size or self.choose_min_size(), self.max_size)
+        max_size = self.max_size if self.training else (self.test_max_size or self.max_size)
+        new_size = resized_size(h, w, min_size or self.choose_min_size(), max_size)
         return F.interpolate(image[None], size=new_size, mode="bilinear", align_corners=False)[0]
 
     def batch_images(self, images: list[Tensor]) -> Tensor:
@@ -200,7 +206,8 @@ def check_inputs(images, targets, num_classes: int, training: bool) -> None:
 
 
 class FasterRCNN(nn.Module):
-    """Faster R-CNN (+ FPN when the backbone has one). Same constructor arguments and defaults as torchvision's.
+    """Faster R-CNN (+ FPN when the backbone has one). Same constructor arguments and defaults as torchvision's,
+    and test_min_size / test_max_size (ImageTransform's input size in eval; None: as in training).
 
     Parts left as None get torchvision's defaults for an FPN backbone: one anchor size per level (32..512) with
     ratios (0.5, 1, 2), RPNHead, MultiScaleRoIAlign on levels '0'-'3' (7x7, sampling ratio 2), TwoMLPHead with
@@ -210,7 +217,8 @@ class FasterRCNN(nn.Module):
     def __init__(
         self, backbone: nn.Module, num_classes: int | None = None,
         # transform
-        min_size=800, max_size=1333, image_mean=None, image_std=None, size_divisible=32,
+        min_size=800, max_size=1333, image_mean=None, image_std=None, size_divisible=32, test_min_size=None,
+        test_max_size=None,
         # RPN
         rpn_anchor_generator=None, rpn_head=None,
         rpn_pre_nms_top_n_train=2000, rpn_pre_nms_top_n_test=1000,
@@ -238,7 +246,8 @@ class FasterRCNN(nn.Module):
         if box_predictor is None:  # reads the head's width: 1024 for the TwoMLPHead above, 4096 for VGG16's fc7
             box_predictor = FastRCNNPredictor(box_head.fc7.out_features, num_classes)
 
-        self.transform = ImageTransform(min_size, max_size, image_mean, image_std, size_divisible)
+        self.transform = ImageTransform(min_size, max_size, image_mean, image_std, size_divisible, test_min_size,
+                                        test_max_size)
         self.backbone = backbone
         self.rpn = RegionProposalNetwork(
             anchor_generator, rpn_head, rpn_fg_iou_thresh, rpn_bg_iou_thresh, rpn_batch_size_per_image,

@@ -86,6 +86,15 @@ def test_eval_uses_the_last_min_size_and_no_randomness():
     _, sizes, _ = t(images_of_sizes([(100, 100)]))
     assert sizes == [(400, 400)] and torch.equal(state, torch.get_rng_state())
 
+def test_test_sizes_apply_in_eval_only():
+    t = M.ImageTransform((200, 300), 400, test_min_size=350, test_max_size=500)
+    assert t.eval()(images_of_sizes([(100, 200)]))[1] == [(250, 500)]  # the test max_size binds: 350 x 700 > 500
+    assert t.eval()(images_of_sizes([(100, 100)]))[1] == [(350, 350)]
+    assert min(t.train()(images_of_sizes([(100, 100)]))[1][0]) in (200, 300)
+    assert "Resize in eval: min_size=350, max_size=500" in repr(t)
+    assert "in eval" not in repr(M.ImageTransform(200, 400))
+
+
 def test_a_size_generator_gives_one_size_per_training_batch():
     """Multi-scale training as the train loop runs it: one size per batch, drawn from the generator alone."""
     t = M.ImageTransform((200, 300, 400), 1000).train()
