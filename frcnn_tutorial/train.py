@@ -108,7 +108,7 @@ PRESETS: dict[str, dict] = {
     # 3 epochs (area mAP, one run each): lr 2e-3 with steps at 2.4 and 2.85: 0.839 and 0.843; 4e-3: 0.847; 4e-3
     # with a cosine schedule: 0.842, and no lr steps to move when --epochs changes. A third conv per trunk stage
     # with a 512-unit head: 0.850, within the run-to-run spread, for more work per step. Evaluated larger (384,
-    # max 576) with 300 proposals and a score threshold of 0.01, the same models gain 0.01-0.02 (paired); trained
+    # max 576) with 300 proposals and a score threshold of 0.01, the same models gain 0.006-0.013 (paired); trained
     # at 224..288 instead of 224..320, a step is ~5% cheaper for about the same mAP (0.842 vs 0.846).
     # --epochs 6 (cosine stretches with it) reached 0.904: the 0.90 goal needs about twice this training.
     "embedded-cpu": dict(model="tiny_fpn", dataset="embedded", train_images=3000, min_size=(224, 256, 288),
