@@ -220,7 +220,7 @@ class FasterRCNN(nn.Module):
         min_size=800, max_size=1333, image_mean=None, image_std=None, size_divisible=32, test_min_size=None,
         test_max_size=None,
         # RPN
-        rpn_anchor_generator=None, rpn_head=None,
+        rpn_anchor_generator=None, rpn_head=None, rpn_feature_names=None,
         rpn_pre_nms_top_n_train=2000, rpn_pre_nms_top_n_test=1000,
         rpn_post_nms_top_n_train=2000, rpn_post_nms_top_n_test=1000,
         rpn_nms_thresh=0.7, rpn_fg_iou_thresh=0.7, rpn_bg_iou_thresh=0.3,
@@ -249,6 +249,7 @@ class FasterRCNN(nn.Module):
         self.transform = ImageTransform(min_size, max_size, image_mean, image_std, size_divisible, test_min_size,
                                         test_max_size)
         self.backbone = backbone
+        self.rpn_feature_names = None if rpn_feature_names is None else list(rpn_feature_names)
         self.rpn = RegionProposalNetwork(
             anchor_generator, rpn_head, rpn_fg_iou_thresh, rpn_bg_iou_thresh, rpn_batch_size_per_image,
             rpn_positive_fraction, dict(training=rpn_pre_nms_top_n_train, testing=rpn_pre_nms_top_n_test),
@@ -271,7 +272,8 @@ class FasterRCNN(nn.Module):
         features = self.backbone(batch)
         if isinstance(features, Tensor):  # a plain single-map backbone
             features = OrderedDict([("0", features)])
-        proposals, rpn_losses = self.rpn(batch, image_sizes, features, targets)
+        rpn_features = features if self.rpn_feature_names is None else [features[k] for k in self.rpn_feature_names]
+        proposals, rpn_losses = self.rpn(batch, image_sizes, rpn_features, targets)
         detections, head_losses = self.roi_heads(features, proposals, image_sizes, targets)
 
         if self.training:
@@ -309,6 +311,7 @@ TINY_FPN_SETTINGS = dict(
     box_batch_size_per_image=128,
 )
 TINY_FPN_ANCHOR_SIZES = (16, 32, 64, 128, 256)
+TINY_FPN_P3_ANCHOR_SIZES = ((16, 23), (32, 45), (64, 91), (128, 181))  # P3..P6, two sizes half an octave apart
 
 
 def faster_rcnn_vgg16(num_classes: int, pretrained_backbone: bool = False, **kwargs) -> FasterRCNN:
@@ -345,18 +348,29 @@ def faster_rcnn_resnet50_fpn(num_classes: int, pretrained_backbone: bool = False
     return FasterRCNN(backbone, num_classes, **kwargs)
 
 
-def faster_rcnn_tiny_fpn(num_classes: int, fpn_channels: int = 64, **kwargs) -> FasterRCNN:
+def faster_rcnn_tiny_fpn(num_classes: int, fpn_channels: int = 64, sampling_ratio: int = 2, rpn_on_p2: bool = True,
+                         **kwargs) -> FasterRCNN:
     """A small FPN detector that trains on a 2-core CPU in minutes (see TINY_FPN_SETTINGS for the choices).
 
     backbones.tiny_fpn_backbone (4 conv stages + FPN, fpn_channels each), MultiScaleRoIAlign on P2..P5, a
     TwoMLPHead of 256 units. kwargs (FasterRCNN's keyword arguments) override the settings. fpn_channels sets the
     cost: the FPN and RPN 3x3 convs on P2 (stride 4) are most of a step, so 32 channels make a training step
-    about 1.8x faster than 64 (1 thread, fp32), for some accuracy at an equal number of steps.
+    about 1.8x faster than 64 (1 thread, fp32), for some accuracy at an equal number of steps. sampling_ratio:
+    RoIAlign's points per bin side (2, torchvision's, = 4 per bin; 1 = the bin centre only, a cheaper step).
+    rpn_on_p2=False: the RPN runs on P3..P6 only, two anchor sizes per level an octave apart over the same range
+    (16..181 px, TINY_FPN_P3_ANCHOR_SIZES): P2 has 3/4 of the anchors and of the RPN's 3x3 conv work; the box
+    head still pools small RoIs from P2.
     """
     backbone = backbones.tiny_fpn_backbone(out_channels=fpn_channels)
     kwargs = {**TINY_FPN_SETTINGS, **kwargs}  # a part given in kwargs (e.g. box_roi_pool) replaces ours
-    kwargs.setdefault("rpn_anchor_generator", fpn_anchor_generator(TINY_FPN_ANCHOR_SIZES))
-    kwargs.setdefault("box_roi_pool", MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=2))
+    if rpn_on_p2:
+        kwargs.setdefault("rpn_anchor_generator", fpn_anchor_generator(TINY_FPN_ANCHOR_SIZES))
+    else:
+        kwargs.setdefault("rpn_feature_names", ["1", "2", "3", "pool"])
+        kwargs.setdefault("rpn_anchor_generator", AnchorGenerator(TINY_FPN_P3_ANCHOR_SIZES,
+                                                                  ((0.5, 1.0, 2.0),) * len(TINY_FPN_P3_ANCHOR_SIZES)))
+    kwargs.setdefault("box_roi_pool", MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7,
+                                                         sampling_ratio=sampling_ratio))
     if "box_head" not in kwargs:  # sized for the pooler's output, whichever pooler it is
         height, width = _pair(kwargs["box_roi_pool"].output_size)
         kwargs["box_head"] = TwoMLPHead(backbone.out_channels * height * width, 256)

@@ -242,6 +242,24 @@ def test_tiny_fpn_trains_and_detects_in_original_coordinates():
         assert det["labels"].min() >= 1 and det["labels"].max() <= 3
 
 
+def test_tiny_fpn_rpn_without_p2_proposes_from_p3_up_and_still_pools_p2():
+    torch.manual_seed(0)
+    model = M.faster_rcnn_tiny_fpn(num_classes=4, fpn_channels=32, sampling_ratio=1, rpn_on_p2=False, min_size=128,
+                                   max_size=192)
+    assert model.roi_heads.box_roi_pool.sampling_ratio == 1
+    assert model.roi_heads.box_roi_pool.featmap_names == ["0", "1", "2", "3"]
+    assert model.rpn_feature_names == ["1", "2", "3", "pool"]
+    assert model.rpn.anchor_generator.sizes == ((16, 23), (32, 45), (64, 91), (128, 181))
+    images = images_of_sizes([(128, 192)])  # not resized: P3..P6 are 16x24, 8x12, 4x6, 2x3
+    seen = []
+    model.rpn.anchor_generator.register_forward_hook(lambda module, args, anchors: seen.append(len(anchors)))
+    losses = model.train()(images, targets_for(images))
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert seen == [6 * (16 * 24 + 8 * 12 + 4 * 6 + 2 * 3)]  # 2 sizes x 3 ratios per location, no P2
+    sum(losses.values()).backward()
+    assert model.backbone.fpn.layer_blocks[0][0].weight.grad.abs().sum() > 0  # P2 still trains, through the box head
+
+
 def test_builders_take_a_replacement_part():
     """A part passed to a builder replaces its own (a keyword the builder also sets must not clash), and the box
     head that follows is sized for the pooler that was given."""

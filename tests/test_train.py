@@ -319,6 +319,42 @@ def test_two_process_ddp_with_gloo_keeps_ranks_identical(tmp_path, data_root):
     assert first == second, "the two processes ended with different weights"
 
 
+class _Indices(torch.utils.data.Dataset):
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, index):
+        return index
+
+
+def _batches(monkeypatch, rank_, world, group_ids, batch_size=2, epoch=3):
+    monkeypatch.setattr(engine, "rank", lambda: rank_)
+    monkeypatch.setattr(engine, "world_size", lambda: world)
+    loader = engine.make_train_loader(_Indices(len(group_ids)), batch_size, seed=5, epoch=epoch, group_ids=group_ids,
+                                      collate_fn=list)
+    return list(loader)
+
+
+def test_processes_share_each_aspect_grouped_global_batch(monkeypatch):
+    """With aspect grouping, every step gives all processes images of one group (about the same size, so none
+    waits long at the all-reduce); between them they see each image of the epoch at most once."""
+    groups = [i % 3 for i in range(50)]
+    ranks = [_batches(monkeypatch, r, 2, groups) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 50 // 4
+    seen = []
+    for first, second in zip(*ranks, strict=True):
+        assert len(first) == len(second) == 2
+        assert len({groups[i] for i in first + second}) == 1
+        seen += first + second
+    assert len(seen) == len(set(seen)) == 48
+    alone = _batches(monkeypatch, 0, 1, groups, batch_size=4)  # one process: the plain grouped sampler
+    assert [a + b for a, b in zip(*ranks, strict=True)] == alone
+    assert _batches(monkeypatch, 0, 1, groups, batch_size=4, epoch=4) != alone  # shuffled by epoch
+
+
 def _mean_over_two_processes(rank, port, results):
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
