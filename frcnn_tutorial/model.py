@@ -377,15 +377,16 @@ def faster_rcnn_tiny_fpn(num_classes: int, fpn_channels: int = 64, sampling_rati
     return FasterRCNN(backbone, num_classes, **kwargs)
 
 
-def faster_rcnn_tiny(num_classes: int, pooler: str = "align", **kwargs) -> FasterRCNN:
+def faster_rcnn_tiny(num_classes: int, pooler: str = "align", sampling_ratio: int = 2, **kwargs) -> FasterRCNN:
     """The tiny trunk without a pyramid: the 2015 single-scale design, in small, to compare with faster_rcnn_tiny_fpn.
 
     backbones.tiny_backbone (3 stages, one map at stride 16, 64 channels); all five anchor sizes of the tiny FPN
     model x 3 ratios on that one map (15 per location); pooler "align" (RoIAlign 7x7, sampling ratio 2, as the FPN
-    model) or "pool" (RoIPool 7x7, as the paper); the same 256-unit head and TINY_FPN_SETTINGS.
+    model; sampling_ratio as there) or "pool" (RoIPool 7x7, as the paper); the same 256-unit head and
+    TINY_FPN_SETTINGS.
     """
     backbone = backbones.tiny_backbone()
-    poolers = {"align": lambda: MultiScaleRoIAlign(["0"], output_size=7, sampling_ratio=2),
+    poolers = {"align": lambda: MultiScaleRoIAlign(["0"], output_size=7, sampling_ratio=sampling_ratio),
                "pool": lambda: SingleScaleRoIPool("0", output_size=7, spatial_scale=1 / 16)}
     if pooler not in poolers:
         raise ValueError(f"faster_rcnn_tiny: pooler must be 'align' or 'pool', not {pooler!r}")

@@ -132,6 +132,8 @@ def test_multi_scale_preset_trains_resumes_and_reloads(tmp_path, data_root):
     model, cfg, _ = load_model(out / "last.pt")
     assert cfg.min_size == (96, 128) and model.transform.min_size == (96, 128)
     assert model.backbone.out_channels == preset["extra"]["fpn_channels"]
+    assert model.roi_heads.box_roi_pool.sampling_ratio == preset["extra"]["sampling_ratio"] == 1
+    assert model.rpn_feature_names == ["1", "2", "3", "pool"] and preset["extra"]["rpn_on_p2"] is False
     test_min_size = preset["extra"].get("test_min_size")
     assert model.transform.choose_min_size() == (test_min_size or 128)  # eval: the preset's test size or the last
     resumed, _ = run(tmp_path, data_root, min_size=(96, 128), extra=preset["extra"], max_iters=3, resume=True)
@@ -139,8 +141,10 @@ def test_multi_scale_preset_trains_resumes_and_reloads(tmp_path, data_root):
 
 
 def test_model_options_that_do_not_fit_are_refused_clearly(tmp_path, data_root):
-    with pytest.raises(SystemExit, match="model tiny has no FPN: drop fpn_channels"):
+    with pytest.raises(SystemExit, match="model tiny has no FPN and does not take fpn_channels "):
         run(tmp_path, data_root, model="tiny", extra={"fpn_channels": 32})
+    with pytest.raises(SystemExit, match=r"tiny_roipool .* does not take fpn_channels, rpn_on_p2, sampling_ratio"):
+        run(tmp_path, data_root, model="tiny_roipool", extra=PRESETS["embedded-cpu"]["extra"])
     with pytest.raises(SystemExit, match="--sync-bn needs CUDA"):
         run(tmp_path, data_root, sync_bn=True, device="cpu")
 
