@@ -207,7 +207,9 @@ def check_inputs(images, targets, num_classes: int, training: bool) -> None:
 
 class FasterRCNN(nn.Module):
     """Faster R-CNN (+ FPN when the backbone has one). Same constructor arguments and defaults as torchvision's,
-    and test_min_size / test_max_size (ImageTransform's input size in eval; None: as in training).
+    and test_min_size / test_max_size (ImageTransform's input size in eval; None: as in training) and
+    rpn_feature_names (the backbone maps the RPN runs on, e.g. ["1", "2", "3", "pool"]; None: all of them, as
+    torchvision; the box head pools from the maps its own box_roi_pool names).
 
     Parts left as None get torchvision's defaults for an FPN backbone: one anchor size per level (32..512) with
     ratios (0.5, 1, 2), RPNHead, MultiScaleRoIAlign on levels '0'-'3' (7x7, sampling ratio 2), TwoMLPHead with
@@ -357,7 +359,7 @@ def faster_rcnn_tiny_fpn(num_classes: int, fpn_channels: int = 64, sampling_rati
     cost: the FPN and RPN 3x3 convs on P2 (stride 4) are most of a step, so 32 channels make a training step
     about 1.8x faster than 64 (1 thread, fp32), for some accuracy at an equal number of steps. sampling_ratio:
     RoIAlign's points per bin side (2, torchvision's, = 4 per bin; 1 = the bin centre only, a cheaper step).
-    rpn_on_p2=False: the RPN runs on P3..P6 only, two anchor sizes per level an octave apart over the same range
+    rpn_on_p2=False: the RPN runs on P3..P6 only, two anchor sizes per level half an octave apart, the same range
     (16..181 px, TINY_FPN_P3_ANCHOR_SIZES): P2 has 3/4 of the anchors and of the RPN's 3x3 conv work; the box
     head still pools small RoIs from P2.
     """
