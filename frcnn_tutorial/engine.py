@@ -141,26 +141,24 @@ class SeededAugmentation(torch.utils.data.Dataset):
 def make_train_loader(dataset, batch_size: int, *, seed: int, epoch: int, skip_batches: int = 0,
                       group_ids: list[int] | None = None, workers: int = 0, pin_memory: bool = False,
                       collate_fn=None) -> DataLoader:
-    """The loader for one epoch: shuffled by (seed, epoch), sharded by rank, grouped by aspect ratio.
+    """The loader for one epoch: shuffled by (seed, epoch), grouped by aspect ratio, each global batch shared out.
 
     `batch_size` is per process. Batches are whole (drop_last) so every process runs the same number of steps.
     """
     from frcnn_tutorial.data import GroupedBatchSampler
     from frcnn_tutorial.data import collate_fn as default_collate
 
+    # One shuffled order for all processes, cut into global batches; each process takes its share of every one.
+    # With aspect grouping, all processes then get images of the same group at each step (about the same size),
+    # so none waits long for a bigger one at the gradient all-reduce.
+    sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    global_batch = batch_size * world_size()
     if group_ids is not None:
-        # Group the global batch, then give each process its share: at every step all processes get images of
-        # the same aspect group (so about the same size) and none waits long for a bigger one at the gradient
-        # all-reduce. With one process this is the plain grouped sampler.
-        sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=seed, drop_last=True)
-        sampler.set_epoch(epoch)
-        batches = ShareOfBatch(GroupedBatchSampler(sampler, group_ids, batch_size * world_size()), rank(),
-                               world_size())
+        batches = GroupedBatchSampler(sampler, group_ids, global_batch)
     else:
-        sampler = DistributedSampler(dataset, num_replicas=world_size(), rank=rank(), shuffle=True, seed=seed,
-                                     drop_last=True)
-        sampler.set_epoch(epoch)
-        batches = BatchSampler(sampler, batch_size, drop_last=True)
+        batches = BatchSampler(sampler, global_batch, drop_last=True)
+    batches = ShareOfBatch(batches, rank(), world_size())
     if isinstance(dataset, SeededAugmentation):
         dataset.set_epoch(epoch)
     return DataLoader(dataset, batch_sampler=SkipBatches(batches, skip_batches), num_workers=workers,

@@ -337,7 +337,7 @@ class _Indices(torch.utils.data.Dataset):
 def _batches(monkeypatch, rank_, world, group_ids, batch_size=2, epoch=3):
     monkeypatch.setattr(engine, "rank", lambda: rank_)
     monkeypatch.setattr(engine, "world_size", lambda: world)
-    loader = engine.make_train_loader(_Indices(len(group_ids)), batch_size, seed=5, epoch=epoch, group_ids=group_ids,
+    loader = engine.make_train_loader(_Indices(50), batch_size, seed=5, epoch=epoch, group_ids=group_ids,
                                       collate_fn=list)
     return list(loader)
 
@@ -357,6 +357,9 @@ def test_processes_share_each_aspect_grouped_global_batch(monkeypatch):
     alone = _batches(monkeypatch, 0, 1, groups, batch_size=4)  # one process: the plain grouped sampler
     assert [a + b for a, b in zip(*ranks, strict=True)] == alone
     assert _batches(monkeypatch, 0, 1, groups, batch_size=4, epoch=4) != alone  # shuffled by epoch
+    ungrouped = [_batches(monkeypatch, r, 2, None) for r in (0, 1)]  # without grouping: shared out the same way
+    seen = [i for first, second in zip(*ungrouped, strict=True) for i in first + second]
+    assert len(seen) == len(set(seen)) == 48 and seen != list(range(48))
 
 
 def _mean_over_two_processes(rank, port, results):
