@@ -86,5 +86,9 @@ def vgg16_anchor_generator() -> AnchorGenerator:
 
 
 def fpn_anchor_generator(sizes=(32, 64, 128, 256, 512)) -> AnchorGenerator:
-    """FPN: one size per level (P2..P6 by default) and 3 ratios, so 3 anchors per location on each level."""
-    return AnchorGenerator(sizes=tuple((s,) for s in sizes), aspect_ratios=((0.5, 1.0, 2.0),) * len(sizes))
+    """FPN: one size per level (P2..P6 by default) and 3 ratios, so 3 anchors per location on each level.
+
+    An entry may also be a tuple of sizes for its level: ((16, 23), (32, 45)) -> 2 x 3 = 6 anchors per location.
+    """
+    per_level = tuple(tuple(s) if isinstance(s, (tuple, list)) else (s,) for s in sizes)
+    return AnchorGenerator(sizes=per_level, aspect_ratios=((0.5, 1.0, 2.0),) * len(per_level))

@@ -369,8 +369,7 @@ def faster_rcnn_tiny_fpn(num_classes: int, fpn_channels: int = 64, sampling_rati
         kwargs.setdefault("rpn_anchor_generator", fpn_anchor_generator(TINY_FPN_ANCHOR_SIZES))
     else:
         kwargs.setdefault("rpn_feature_names", ["1", "2", "3", "pool"])
-        kwargs.setdefault("rpn_anchor_generator", AnchorGenerator(TINY_FPN_P3_ANCHOR_SIZES,
-                                                                  ((0.5, 1.0, 2.0),) * len(TINY_FPN_P3_ANCHOR_SIZES)))
+        kwargs.setdefault("rpn_anchor_generator", fpn_anchor_generator(TINY_FPN_P3_ANCHOR_SIZES))
     kwargs.setdefault("box_roi_pool", MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7,
                                                          sampling_ratio=sampling_ratio))
     if "box_head" not in kwargs:  # sized for the pooler's output, whichever pooler it is

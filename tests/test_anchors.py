@@ -63,6 +63,11 @@ def test_builders_match_torchvision_defaults():
     for ours_t, theirs_t in zip(fpn.cell_anchors, tv_fpn.cell_anchors, strict=True):
         torch.testing.assert_close(ours_t, theirs_t, rtol=0, atol=0)
     assert fpn_anchor_generator(sizes=(16, 32)).num_anchors_per_location() == [3, 3]
+    two_per_level = fpn_anchor_generator(sizes=((16, 23), (32, 45)))  # several sizes on a level: 2 x 3 anchors
+    assert two_per_level.num_anchors_per_location() == [6, 6]
+    tv_two = TVAnchorGenerator(((16, 23), (32, 45)), ((0.5, 1.0, 2.0),) * 2)
+    for ours_t, theirs_t in zip(two_per_level.cell_anchors, tv_two.cell_anchors, strict=True):
+        torch.testing.assert_close(ours_t, theirs_t, rtol=0, atol=0)
 
 
 def test_golden_nine_vgg16_anchors_at_one_location():
