@@ -294,6 +294,13 @@ def tiny_backbone() -> SingleScaleBackbone:
     return SingleScaleBackbone(TinyTrunk(num_stages=3), out_channels=TINY_CHANNELS[2])
 
 
-def tiny_fpn_backbone(out_channels: int = 64) -> BackboneWithFPN:
-    """The tiny trunk's 4 stages + FPN: {"0".."3": P2..P5 at strides 4..32, "pool": P6 at 64}, out_channels each."""
-    return BackboneWithFPN(TinyTrunk(num_stages=4), list(TINY_CHANNELS), out_channels)
+def tiny_fpn_backbone(out_channels: int = 64, p2_output_conv: bool = True) -> BackboneWithFPN:
+    """The tiny trunk's 4 stages + FPN: {"0".."3": P2..P5 at strides 4..32, "pool": P6 at 64}, out_channels each.
+
+    p2_output_conv=False: P2 is the sum of its lateral and the upsampled top-down map, without the 3x3 output conv
+    (the pyramid's costliest conv: D x D x 9 at stride 4, more work than all four 3x3 convs of the RPN on P3..P6).
+    """
+    backbone = BackboneWithFPN(TinyTrunk(num_stages=4), list(TINY_CHANNELS), out_channels)
+    if not p2_output_conv:  # an Identity in the same one-element Sequential: the other levels keep their indices
+        backbone.fpn.layer_blocks[0] = nn.Sequential(nn.Identity())
+    return backbone

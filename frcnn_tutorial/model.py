@@ -351,7 +351,7 @@ def faster_rcnn_resnet50_fpn(num_classes: int, pretrained_backbone: bool = False
 
 
 def faster_rcnn_tiny_fpn(num_classes: int, fpn_channels: int = 64, sampling_ratio: int = 2, rpn_on_p2: bool = True,
-                         **kwargs) -> FasterRCNN:
+                         p2_output_conv: bool = True, **kwargs) -> FasterRCNN:
     """A small FPN detector that trains on a 2-core CPU in minutes (see TINY_FPN_SETTINGS for the choices).
 
     backbones.tiny_fpn_backbone (4 conv stages + FPN, fpn_channels each), MultiScaleRoIAlign on P2..P5, a
@@ -361,9 +361,10 @@ def faster_rcnn_tiny_fpn(num_classes: int, fpn_channels: int = 64, sampling_rati
     RoIAlign's points per bin side (2, torchvision's, = 4 per bin; 1 = the bin centre only, a cheaper step).
     rpn_on_p2=False: the RPN runs on P3..P6 only, two anchor sizes per level half an octave apart, the same range
     (16..181 px, TINY_FPN_P3_ANCHOR_SIZES): P2 has 3/4 of the anchors and of the RPN's 3x3 conv work; the box
-    head still pools small RoIs from P2.
+    head still pools small RoIs from P2. p2_output_conv=False: P2 skips the FPN's 3x3 output conv (the lateral +
+    top-down sum is P2; see backbones.tiny_fpn_backbone), a cheaper step.
     """
-    backbone = backbones.tiny_fpn_backbone(out_channels=fpn_channels)
+    backbone = backbones.tiny_fpn_backbone(out_channels=fpn_channels, p2_output_conv=p2_output_conv)
     kwargs = {**TINY_FPN_SETTINGS, **kwargs}  # a part given in kwargs (e.g. box_roi_pool) replaces ours
     if rpn_on_p2:
         kwargs.setdefault("rpn_anchor_generator", fpn_anchor_generator(TINY_FPN_ANCHOR_SIZES))

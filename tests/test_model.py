@@ -5,6 +5,7 @@ The whole-model comparison with torchvision (same weights, same detections and l
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from frcnn_tutorial import model as M
@@ -314,3 +315,22 @@ def test_constructor_needs_exactly_one_of_num_classes_and_predictor():
         M.FasterRCNN(tiny_fpn_backbone(), num_classes=None)
     with pytest.raises(ValueError, match="exactly one"):
         M.FasterRCNN(tiny_fpn_backbone(), num_classes=3, box_predictor=FastRCNNPredictor(1024, 3))
+
+
+def test_tiny_fpn_without_p2_output_conv_uses_the_top_down_sum_as_p2():
+    torch.manual_seed(0)
+    model = M.faster_rcnn_tiny_fpn(num_classes=4, fpn_channels=32, rpn_on_p2=False, p2_output_conv=False,
+                                   min_size=128, max_size=192)
+    fpn = model.backbone.fpn
+    assert not any(name.startswith("layer_blocks.0.") for name, _ in fpn.named_parameters())
+    assert all(isinstance(block[0], torch.nn.Conv2d) for block in fpn.layer_blocks[1:])  # P3..P5 keep theirs
+    c = model.backbone.body(torch.randn(1, 3, 128, 192))
+    p3_inner = fpn.inner_blocks[1](c["1"]) + F.interpolate(
+        fpn.inner_blocks[2](c["2"]) + F.interpolate(fpn.inner_blocks[3](c["3"]), size=c["2"].shape[-2:]),
+        size=c["1"].shape[-2:])
+    p2_by_hand = fpn.inner_blocks[0](c["0"]) + F.interpolate(p3_inner, size=c["0"].shape[-2:])
+    torch.testing.assert_close(fpn(c)["0"], p2_by_hand)
+    images = images_of_sizes([(128, 192)])
+    losses = model.train()(images, targets_for(images))
+    sum(losses.values()).backward()
+    assert fpn.inner_blocks[0][0].weight.grad.abs().sum() > 0  # C2's lateral still trains, through the box head

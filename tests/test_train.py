@@ -134,6 +134,7 @@ def test_multi_scale_preset_trains_resumes_and_reloads(tmp_path, data_root):
     assert model.backbone.out_channels == preset["extra"]["fpn_channels"]
     assert model.roi_heads.box_roi_pool.sampling_ratio == preset["extra"]["sampling_ratio"] == 1
     assert model.rpn_feature_names == ["1", "2", "3", "pool"] and preset["extra"]["rpn_on_p2"] is False
+    assert isinstance(model.backbone.fpn.layer_blocks[0][0], torch.nn.Identity)  # p2_output_conv=False
     test_min_size = preset["extra"].get("test_min_size")
     assert model.transform.choose_min_size() == (test_min_size or 128)  # eval: the preset's test size or the last
     resumed, _ = run(tmp_path, data_root, min_size=(96, 128), extra=preset["extra"], max_iters=3, resume=True)
@@ -143,7 +144,8 @@ def test_multi_scale_preset_trains_resumes_and_reloads(tmp_path, data_root):
 def test_model_options_that_do_not_fit_are_refused_clearly(tmp_path, data_root):
     with pytest.raises(SystemExit, match="model tiny has no FPN and does not take fpn_channels "):
         run(tmp_path, data_root, model="tiny", extra={"fpn_channels": 32})
-    with pytest.raises(SystemExit, match=r"tiny_roipool .* does not take fpn_channels, rpn_on_p2, sampling_ratio"):
+    every_option = "fpn_channels, p2_output_conv, rpn_on_p2, sampling_ratio"
+    with pytest.raises(SystemExit, match=rf"tiny_roipool .* does not take {every_option}"):
         run(tmp_path, data_root, model="tiny_roipool", extra=PRESETS["embedded-cpu"]["extra"])
     with pytest.raises(SystemExit, match="--sync-bn needs CUDA"):
         run(tmp_path, data_root, sync_bn=True, device="cpu")
