@@ -114,7 +114,8 @@ PRESETS: dict[str, dict] = {
     # Cheaper steps, so 4 epochs fit where 3 did: RoIAlign with one point per bin (sampling_ratio=1, not 2x2) and
     # the RPN on P3..P6 only (rpn_on_p2=False: P2 held 3/4 of the anchors) make a step ~1.6x faster (one thread,
     # interleaved: 216 -> 128 ms per 2 images). 4 epochs: 0.861 (RPN on P2 too: 0.868, ~10% more time); 5: 0.881.
-    # Without the FPN's 3x3 output conv on P2 (p2_output_conv=False): 0.865 in 8:50 instead of 0.861 in 9:34.
+    # Without the FPN's 3x3 output conv on P2 (p2_output_conv=False): 0.865 in 8:20 and 8:51 instead of 0.861 in
+    # 9:34 and 10:12; with --epochs 6, 0.887 against 0.898 (about the spread of single runs).
     "embedded-cpu": dict(model="tiny_fpn", dataset="embedded", train_images=3000, min_size=(224, 256, 288),
                          max_size=432, extra=dict(fpn_channels=32, sampling_ratio=1, rpn_on_p2=False,
                                                   p2_output_conv=False, box_batch_size_per_image=256,
